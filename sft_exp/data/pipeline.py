@@ -1,0 +1,320 @@
+"""The data flow of a run: sources -> tokenised + masked (cached per source) -> mixture selection -> packed rows.
+
+    prepare_data(run, tokenizer, run_dir) -> PreparedData (train rows, per-source eval rows, stats)
+
+The per-source cache key holds only what changes a source's tokens (its content fingerprint, the tokenizer, the
+template text and its default kwargs, the bad-row policy); weights, mixture seed, max_length and every trainer field
+stay out of it, so the runs of a sweep tokenise each source once. Entries are written to a temporary folder and
+renamed into place under a file lock, so concurrent runs never see a half-written entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sft_exp.config import RunConfig
+from sft_exp.data import packing as pk
+from sft_exp.data.mixture import select_rows
+from sft_exp.data.sources import DataError, fingerprint, load_source, row_problem
+from sft_exp.data.template import RenderSpec, row_kwargs, tokenize_conversations
+
+CACHE_VERSION = "1"
+
+
+@dataclass
+class TokenizedSource:
+    """A source's valid rows, tokenised: flat token arrays + per-row offsets (memory-mapped from the cache)."""
+
+    name: str
+    input_ids: np.ndarray  # flat int32
+    assistant_masks: np.ndarray  # flat int8
+    offsets: np.ndarray  # int64, len = rows + 1
+    think: np.ndarray  # int8 per row: 1 if the row renders in /think mode
+    rows_in_source: int
+    rows_dropped: int
+    cache: str  # "hit" or "miss"
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+@dataclass
+class PreparedData:
+    train: Any  # datasets.Dataset of packed rows
+    eval: dict[str, Any]  # source name -> datasets.Dataset of packed held-out rows
+    eval_trained_tokens: dict[str, int]
+    source_names: list[str]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------- tokenising
+def _tokenizer_digest(tokenizer: Any) -> str:
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def cache_key(name: str, run: RunConfig, spec: RenderSpec, tokenizer_digest: str) -> str:
+    parts = {
+        "v": CACHE_VERSION,
+        "source": fingerprint(run.mixture.sources[name]),
+        "tokenizer": tokenizer_digest,
+        "template": hashlib.sha256(spec.chat_template.encode()).hexdigest()[:16],
+        "enable_thinking": spec.enable_thinking,
+        "date_string": spec.date_string,
+        "special_tokens": spec.special_tokens,
+        "on_bad_rows": run.mixture.on_bad_rows.value,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _think_mode(spec: RenderSpec, messages: list[dict[str, Any]], kwargs: Any) -> int:
+    """The reasoning mode a row renders in: a system flag overrides the row's kwargs, which override the default."""
+    system = next((m.get("content") or "" for m in messages if m.get("role") == "system"), "")
+    if "/no_think" in system:
+        return 0
+    if "/think" in system:
+        return 1
+    return int(bool(row_kwargs(spec, kwargs).get("enable_thinking", True)))
+
+
+def _tokenize_fn(spec: RenderSpec, tokenizer: Any, name: str, drop_bad: bool):
+    def fn(batch: dict[str, list[Any]], idx: list[int]) -> dict[str, list[Any]]:
+        kwargs = batch.get("chat_template_kwargs")
+        keep_msgs, keep_kw, keep_idx = [], [], []
+        for j, (i, msgs) in enumerate(zip(idx, batch["messages"])):
+            problem = row_problem(msgs)
+            if problem is not None:
+                if drop_bad:
+                    continue
+                raise DataError(
+                    f"mixture.sources.{name}: row {i} is not a valid conversation: {problem}. "
+                    "Fix the data, or set mixture.on_bad_rows=drop to drop (and count) such rows"
+                )
+            keep_msgs.append(msgs)
+            keep_kw.append(kwargs[j] if kwargs is not None else None)
+            keep_idx.append(i)
+        ids, masks = tokenize_conversations(spec, tokenizer, keep_msgs, keep_kw)
+        think = [_think_mode(spec, m, k) for m, k in zip(keep_msgs, keep_kw)]
+        return {"row": keep_idx, "input_ids": ids, "assistant_masks": masks, "think": think}
+
+    return fn
+
+
+def _from_cached(name: str, path: Path, cache: str) -> TokenizedSource:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    meta = json.loads((path / "sft_exp_meta.json").read_text())
+    table = ds.data.table
+
+    def flat(col: str) -> tuple[np.ndarray, np.ndarray]:
+        arr = table.column(col).combine_chunks()
+        return arr.values.to_numpy(zero_copy_only=False), arr.offsets.to_numpy().astype(np.int64)
+
+    ids, offsets = flat("input_ids")
+    masks, _ = flat("assistant_masks")
+    think = table.column("think").to_numpy().astype(np.int8)
+    return TokenizedSource(name, ids, masks, offsets, think, meta["rows_in_source"], meta["rows_dropped"], cache)
+
+
+def tokenize_source(name: str, run: RunConfig, spec: RenderSpec, tokenizer: Any, cache_dir: Path) -> TokenizedSource:
+    """Tokenise one source through the cache: a hit memory-maps the stored Arrow data, a miss builds and stores it."""
+    from filelock import FileLock
+
+    key = cache_key(name, run, spec, _tokenizer_digest(tokenizer))
+    final = cache_dir / f"{name}-{key}"
+    if (final / "sft_exp_meta.json").exists():
+        return _from_cached(name, final, "hit")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir / f"{name}-{key}.lock")):
+        if (final / "sft_exp_meta.json").exists():  # another run of the sweep built it while we waited
+            return _from_cached(name, final, "hit")
+        ds = load_source(name, run.mixture.sources[name])
+        rows_in_source = len(ds)
+        drop_bad = run.mixture.on_bad_rows.value == "drop"
+        out = ds.map(
+            _tokenize_fn(spec, tokenizer, name, drop_bad),
+            batched=True,
+            batch_size=512,
+            with_indices=True,
+            remove_columns=ds.column_names,
+            num_proc=run.mixture.num_proc if run.mixture.num_proc > 1 else None,
+            desc=f"tokenise {name}",
+            load_from_cache_file=False,
+            new_fingerprint=key,
+        )
+        tmp = cache_dir / f".{name}-{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        out.save_to_disk(str(tmp))
+        meta = {"rows_in_source": rows_in_source, "rows_dropped": rows_in_source - len(out), "key": key}
+        (tmp / "sft_exp_meta.json").write_text(json.dumps(meta))
+        os.replace(tmp, final)  # atomic: readers see no entry or a whole one
+    return _from_cached(name, final, "miss")
+
+
+# ------------------------------------------------------------------------------------------------------- packing
+def _pack(
+    run: RunConfig, sources: list[TokenizedSource], selections: list[np.ndarray]
+) -> tuple[Any, dict[str, Any], np.ndarray, pk.PackPlan]:
+    """Pack the selected rows of every source together into a datasets.Dataset of packed rows."""
+    import datasets
+    import pyarrow as pa
+
+    # Sequences are addressed in a global row space (every row of every source, sources concatenated); the plan
+    # is made over the selected rows (with repeats for weights > 1) and then re-pointed at that global space.
+    lengths, global_rows, src_of_seq = [], [], []
+    row_base = 0
+    for s_i, (src, sel) in enumerate(zip(sources, selections)):
+        lengths.append(src.lengths[sel])
+        global_rows.append(sel + row_base)
+        src_of_seq.append(np.full(len(sel), s_i, dtype=np.int16))
+        row_base += len(src.lengths)
+    lengths_a = np.concatenate(lengths).astype(np.int64)
+    seq_src = np.concatenate(src_of_seq)
+    strategy = run.packing.strategy.value if run.packing.enabled else "none"
+    plan = pk.pack_plan(lengths_a, run.packing.max_length, strategy, run.packing.overflow.value)
+    piece_src = seq_src[plan.seq_index]
+    global_plan = dataclasses.replace(
+        plan, seq_index=np.concatenate(global_rows)[plan.seq_index], num_sequences=row_base
+    )
+    offsets, token_base = [np.zeros(1, dtype=np.int64)], 0
+    for src in sources:
+        offsets.append(src.offsets[1:] + token_base)
+        token_base += int(src.offsets[-1])
+    ids_all = np.concatenate([src.input_ids for src in sources])
+    masks_all = np.concatenate([src.assistant_masks for src in sources])
+    rows = pk.materialize(global_plan, {"input_ids": ids_all, "assistant_masks": masks_all}, np.concatenate(offsets))
+
+    def list_col(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+    table = pa.table(
+        {
+            "input_ids": list_col(rows["input_ids"], rows["row_offsets"]),
+            "assistant_masks": list_col(rows["assistant_masks"], rows["row_offsets"]),
+            "seq_lengths": list_col(plan.length.astype(np.int32), plan.row_offsets),
+            "seq_sources": list_col(piece_src.astype(np.int16), plan.row_offsets),
+        }
+    )
+    return datasets.Dataset(table), plan.summary(), lengths_a, plan
+
+
+# ------------------------------------------------------------------------------------------------------- the stage
+def _length_stats(lengths: np.ndarray) -> dict[str, float]:
+    if len(lengths) == 0:
+        return {"mean_length": 0.0, "p50_length": 0, "p95_length": 0, "max_length": 0}
+    return {
+        "mean_length": round(float(lengths.mean()), 1),
+        "p50_length": int(np.percentile(lengths, 50)),
+        "p95_length": int(np.percentile(lengths, 95)),
+        "max_length": int(lengths.max()),
+    }
+
+
+def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path) -> PreparedData:
+    """Build the mixture, tokenise (through the cache), select rows by weight, pack train and per-source eval sets."""
+    t0 = time.perf_counter()
+    spec = RenderSpec.build(run.template, tokenizer)
+    names = sorted(run.mixture.sources)  # sorted: the result does not depend on the listing order
+    sources = [tokenize_source(n, run, spec, tokenizer, cache_dir) for n in names]
+    t_tok = time.perf_counter() - t0
+
+    train_sel, eval_sel, per_source = [], [], {}
+    for src in sources:
+        w = run.mixture.sources[src.name].weight
+        n = len(src.lengths)
+        if n == 0:
+            raise DataError(f"mixture.sources.{src.name}: no valid rows left ({src.rows_dropped} dropped)")
+        sel = select_rows(n, w, run.mixture.test_split_size, run.mixture.seed, src.name)
+        train_sel.append(sel.train)
+        eval_sel.append(sel.eval)
+        tl = src.lengths[sel.train]
+        trained = np.add.reduceat(src.assistant_masks, src.offsets[:-1])[sel.train] if len(sel.train) else tl
+        per_source[src.name] = {
+            "rows_in_source": src.rows_in_source,
+            "rows_dropped": src.rows_dropped,
+            "rows_heldout": int(len(sel.eval)),
+            "rows": int(len(sel.train)),
+            "weight": w,
+            "epochs": sel.epochs,
+            "tokens": int(tl.sum()),
+            "trained_tokens": int(trained.sum()),
+            "think_share": round(float(src.think[sel.train].mean()), 4) if len(sel.train) else 0.0,
+            **_length_stats(tl),
+            "cache": src.cache,
+        }
+
+    train_ds, pstats, lengths, plan = _pack(run, sources, train_sel)
+    # overflow is counted per sequence; attribute truncations back to their sources
+    over = lengths > run.packing.max_length
+    seq_src = np.concatenate([np.full(len(s), i) for i, s in enumerate(train_sel)])
+    for i, src in enumerate(sources):
+        per_source[src.name]["rows_over_max_length"] = int(over[seq_src == i].sum())
+
+    eval_sets, eval_trained = {}, {}
+    for src, sel in zip(sources, eval_sel):
+        if len(sel) == 0:
+            continue
+        blanks = [np.empty(0, dtype=np.int64)] * len(sources)
+        only = [sel if s is src else blanks[0] for s in sources]
+        ds, _, _, _ = _pack(run, sources, only)
+        eval_sets[src.name] = ds
+        eval_trained[src.name] = int(sum(int(np.sum(m)) for m in ds["assistant_masks"]))
+
+    total_tokens = sum(s["tokens"] for s in per_source.values())
+    stats = {
+        "sources": per_source,
+        "total": {
+            "rows": sum(s["rows"] for s in per_source.values()),
+            "rows_heldout": sum(s["rows_heldout"] for s in per_source.values()),
+            "tokens": total_tokens,
+            "trained_tokens": sum(s["trained_tokens"] for s in per_source.values()),
+            "think_share": round(
+                sum(s["think_share"] * s["rows"] for s in per_source.values())
+                / max(1, sum(s["rows"] for s in per_source.values())),
+                4,
+            ),
+        },
+        "packing": {
+            "strategy": run.packing.strategy.value if run.packing.enabled else "none",
+            "max_length": run.packing.max_length,
+            **pstats,
+        },
+        "cache": {
+            "dir": str(cache_dir),
+            "hits": sum(s.cache == "hit" for s in sources),
+            "misses": sum(s.cache == "miss" for s in sources),
+        },
+        "seconds": {"tokenise": round(t_tok, 3), "total": round(time.perf_counter() - t0, 3)},
+    }
+    return PreparedData(train_ds, eval_sets, eval_trained, names, stats)
+
+
+def format_table(stats: dict[str, Any]) -> str:
+    """The per-source table printed before training and by mode=prepare."""
+    cols = ["rows_in_source", "rows_heldout", "weight", "rows", "tokens", "trained_tokens", "think_share"]
+    cols += ["mean_length", "p95_length", "max_length", "rows_over_max_length", "rows_dropped", "cache"]
+    head = ["source", *cols]
+    body = [[name, *[str(s.get(c, "")) for c in cols]] for name, s in stats["sources"].items()]
+    t = stats["total"]
+    body.append(["TOTAL", "", str(t["rows_heldout"]), "", str(t["rows"]), str(t["tokens"]), str(t["trained_tokens"])])
+    body[-1] += [str(t["think_share"])] + [""] * (len(cols) - 7)
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    p = stats["packing"]
+    lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
+    lines.append(
+        f"packing: {p['strategy']} max_length={p['max_length']} bins={p['bins']} "
+        f"efficiency={p['efficiency']:.4f}  cache: {stats['cache']['hits']} hit / {stats['cache']['misses']} miss"
+    )
+    return "\n".join(lines)

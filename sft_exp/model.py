@@ -1,0 +1,72 @@
+"""Tokenizer and model from the model and template configs, through the real from_pretrained calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sft_exp.config import ModelInit, RunConfig
+from sft_exp.data.template import GENERATION_RE, read_template
+
+
+def build_tokenizer(run: RunConfig) -> Any:
+    """AutoTokenizer.from_pretrained(model.name_or_path), with the configured chat template and end-of-turn token."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    m, t = run.model, run.template
+    tok = AutoTokenizer.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    template = read_template(t.chat_template)
+    if template is not None:
+        tok.chat_template = template
+    if not tok.chat_template:
+        raise ValueError(
+            f"template: the tokenizer of '{m.name_or_path}' has no chat template and template.chat_template is null. "
+            "Choose template=smollm3 or template=chatml"
+        )
+    if run.train.assistant_only_loss and not re.search(GENERATION_RE, tok.chat_template):
+        raise ValueError(
+            "template: train.assistant_only_loss=true but the chat template has no {% generation %} markers, so no "
+            "token would be marked as assistant. Use template=smollm3 or template=chatml (both carry markers), "
+            "or add the markers to your template"
+        )
+    if t.eos_token is not None:
+        if t.eos_token not in tok.get_vocab():
+            raise ValueError(f"template.eos_token: '{t.eos_token}' is not a token of the tokenizer")
+        tok.eos_token = t.eos_token
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_model(run: RunConfig, tokenizer: Any) -> Any:
+    """from_pretrained for real checkpoints; from_config (seeded) for model.init=random smoke tests."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+
+    m = run.model
+    dtype = getattr(torch, m.dtype.value)
+    common = {"dtype": dtype, "attn_implementation": m.attn_implementation.value}
+    if m.init == ModelInit.random:
+        config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        set_seed(run.train.seed)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code, **common)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code, **common
+        )
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    # Generation stops at the end-of-turn token the template trains.
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

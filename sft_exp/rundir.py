@@ -1,0 +1,70 @@
+"""The run directory describes itself: frozen resolved config, overrides, git SHA, stats, metrics.
+
+The process that composed the config freezes it here once (`run_config.yaml`); every other process (ranks, Slurm
+tasks, a requeued job) reads that file and never composes again. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sft_exp.config import RunConfig, dump_run_config, to_run_config
+
+FROZEN = "run_config.yaml"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write then rename, so a reader (or a crash) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def freeze(run: RunConfig, run_dir: Path, overrides: list[str]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FROZEN).write_text(dump_run_config(run))
+    write_json(
+        run_dir / "run_info.json",
+        {
+            "git_sha": git_sha(),
+            "overrides": overrides,
+            "argv": sys.argv,
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "python": sys.version.split()[0],
+        },
+    )
+
+
+def load_frozen(run_dir: Path) -> RunConfig:
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / FROZEN
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a sft-exp run directory?")
+    return to_run_config(OmegaConf.load(path))
+
+
+def cache_dir(run: RunConfig) -> Path:
+    return Path(run.cache_dir) if run.cache_dir else REPO_ROOT / "outputs" / "cache"

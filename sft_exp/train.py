@@ -1,0 +1,259 @@
+"""SFTTrainer with our packed rows: the collator, per-source loss from the same forward pass, and the SFTConfig.
+
+Data arrives already tokenised, masked and packed (sft_exp.data.pipeline), so TRL's dataset preparation is skipped
+(`skip_prepare_dataset`) and TRL's packing is off; the assistant mask becomes `labels` in our collator.
+
+Loss normalisation (a documented choice): the loss of an optimizer step is the sum of per-token losses over every
+trained token of the step (all packed sequences, all gradient-accumulation micro-batches, all ranks when
+`average_tokens_across_devices`) divided by the number of those tokens. Each trained token weighs the same; a long
+answer weighs more than a short one. This is TRL/transformers' `num_items_in_batch` behaviour, kept as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from sft_exp.config import RunConfig, TrainConfig, check_sft_extra
+
+IGNORE = -100
+
+
+# ------------------------------------------------------------------------------------------------------ collator
+@dataclasses.dataclass
+class PackedCollator:
+    """Packed rows -> model inputs.
+
+    padding_free=True flattens a batch into one row with position ids restarting at 0 at every sequence, so
+    attention never crosses a sequence boundary (transformers derives the block-diagonal mask / varlen cu_seqlens
+    from the position ids). padding_free=False pads rows to the longest (used for packing=none).
+    The first token of every sequence gets label -100, so no sequence is trained to follow the previous one.
+    """
+
+    pad_token_id: int
+    padding_free: bool = True
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        ids, labels, pos, src = [], [], [], []
+        for r in rows:
+            x = torch.as_tensor(r["input_ids"], dtype=torch.long)
+            m = torch.as_tensor(r["assistant_masks"], dtype=torch.bool)
+            lens = torch.as_tensor(r["seq_lengths"], dtype=torch.long)
+            starts = torch.cumsum(lens, 0) - lens
+            p = torch.arange(len(x)) - torch.repeat_interleave(starts, lens)
+            lab = torch.where(m, x, torch.full_like(x, IGNORE))
+            lab[starts] = IGNORE
+            ids.append(x)
+            labels.append(lab)
+            pos.append(p)
+            src.append(torch.repeat_interleave(torch.as_tensor(r["seq_sources"], dtype=torch.long), lens))
+        if self.padding_free:
+            return {
+                "input_ids": torch.cat(ids)[None],
+                "labels": torch.cat(labels)[None],
+                "position_ids": torch.cat(pos)[None],
+                "source_ids": torch.cat(src)[None],
+            }
+        width = max(len(x) for x in ids)
+
+        def pad(ts: list[Any], value: int) -> Any:
+            return torch.stack([torch.nn.functional.pad(t, (0, width - len(t)), value=value) for t in ts])
+
+        return {
+            "input_ids": pad(ids, self.pad_token_id),
+            "labels": pad(labels, IGNORE),
+            "attention_mask": pad([torch.ones_like(x) for x in ids], 0),
+            "position_ids": pad(pos, 0),
+            "source_ids": pad(src, -1),
+        }
+
+
+# ------------------------------------------------------------------------------------------------------ SFTConfig
+# SFTConfig fields sft-exp sets itself (from train.* or from other groups); train.extra may not set them.
+EXPLICIT_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"} | {
+    "output_dir",
+    "max_length",
+    "packing",
+    "padding_free",
+    "dataset_kwargs",
+    "remove_unused_columns",
+    "data_seed",
+    "logging_first_step",
+    "warmup_steps",
+}
+
+
+def build_sft_config(run: RunConfig, output_dir: str) -> Any:
+    """RunConfig -> trl.SFTConfig, field by field."""
+    from trl import SFTConfig
+
+    t = run.train
+    check_sft_extra(t.extra, {f.name for f in dataclasses.fields(SFTConfig)}, EXPLICIT_FIELDS)
+    return SFTConfig(
+        output_dir=output_dir,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        lr_scheduler_kwargs=dict(t.lr_scheduler_kwargs),
+        # transformers 5 dropped warmup_ratio: a float in [0, 1) given as warmup_steps is read as that ratio.
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=t.bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=t.eval_strategy,
+        eval_steps=t.eval_steps,
+        use_liger_kernel=t.use_liger_kernel,
+        report_to=list(t.report_to),
+        dataloader_num_workers=t.dataloader_num_workers,
+        # The assistant mask is applied by our data stage (labels = -100 outside assistant spans); TRL's own
+        # assistant_only_loss would re-tokenise conversations, which our pre-tokenised rows no longer are.
+        assistant_only_loss=False,
+        # Packing is done by sft_exp.data.packing before the trainer sees the data.
+        packing=False,
+        padding_free=False,
+        max_length=run.packing.max_length,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        # Keep seq_lengths / seq_sources for the collator.
+        remove_unused_columns=False,
+        **dict(t.extra),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ trainer
+def make_trainer_class() -> type:
+    """SFTTrainer + per-source training loss taken from the fused LM head's per-token log-probs (no 2nd forward)."""
+    import torch
+    from trl import SFTTrainer
+
+    class SourceAwareSFTTrainer(SFTTrainer):
+        def __init__(self, *args: Any, source_names: list[str], **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.source_names = source_names
+            self._src_sum = torch.zeros(len(source_names), dtype=torch.float64)
+            self._src_cnt = torch.zeros(len(source_names), dtype=torch.float64)
+            self._last_out: Any = None
+            self._eval_prefix: str | None = None
+            self.trained_tokens = 0  # tokens that carried loss in training (this rank)
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            base.register_forward_hook(self._grab_output)
+
+        def _grab_output(self, module: Any, args: Any, output: Any) -> None:
+            self._last_out = output
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            source_ids = inputs.pop("source_ids", None)
+            self._last_out = None
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            out = self._last_out
+            if self.model.training and source_ids is not None and getattr(out, "log_probs", None) is not None:
+                with torch.no_grad():
+                    self.trained_tokens += int(out.label_mask.sum())
+                    src = source_ids[:, 1:].reshape(-1).to(out.log_probs.device)  # aligned with shifted labels
+                    keep = out.label_mask.reshape(-1) & (src >= 0)
+                    nll = -out.log_probs.detach().reshape(-1)[keep].double().cpu()
+                    s = src[keep].cpu()
+                    self._src_sum.index_add_(0, s, nll)
+                    self._src_cnt.index_add_(0, s, torch.ones_like(nll))
+            return result
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):  # noqa: ANN001
+            self._eval_prefix = metric_key_prefix
+            try:
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            finally:
+                self._eval_prefix = None
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if self.model.training and "loss" in logs and self._src_cnt.sum() > 0:
+                sums = self.accelerator.reduce(self._src_sum.to(self.accelerator.device), reduction="sum").cpu()
+                cnts = self.accelerator.reduce(self._src_cnt.to(self.accelerator.device), reduction="sum").cpu()
+                for i, name in enumerate(self.source_names):
+                    if cnts[i] > 0:
+                        logs[f"loss_{name}"] = round(float(sums[i] / cnts[i]), 6)
+                self._src_sum.zero_()
+                self._src_cnt.zero_()
+            if not self.model.training and self._eval_prefix and self._eval_prefix != "eval":
+                # TRL logs its eval extras (entropy, token accuracy) without the dataset name; add it.
+                name = self._eval_prefix.removeprefix("eval_")
+                m = self._metrics["eval"]
+                for key in [k for k in m if not k.startswith(f"{name}_")]:
+                    m[f"{name}_{key}"] = m.pop(key)
+            super().log(logs, start_time)
+
+    return SourceAwareSFTTrainer
+
+
+# ------------------------------------------------------------------------------------------------------ the stage
+def _eval_losses(trainer: Any, trained_tokens: dict[str, int]) -> dict[str, float]:
+    """{source: eval loss, ..., "all": trained-token-weighted mean of the per-source losses}."""
+    res = trainer.evaluate()
+    losses = {n: float(res[f"eval_{n}_loss"]) for n in trained_tokens if f"eval_{n}_loss" in res}
+    total = sum(trained_tokens[n] for n in losses)
+    if losses and total:
+        losses["all"] = sum(losses[n] * trained_tokens[n] for n in losses) / total
+    return {k: round(v, 6) for k, v in losses.items()}
+
+
+def _train_losses(history: list[dict[str, Any]], names: list[str], which: int) -> dict[str, float]:
+    rows = [h for h in history if "loss" in h and "eval_loss" not in h]
+    if not rows:
+        return {}
+    out = {}
+    for n in names:
+        vals = [h[f"loss_{n}"] for h in rows if f"loss_{n}" in h]
+        if vals:
+            out[n] = vals[which]
+    out["all"] = rows[which]["loss"]
+    return out
+
+
+def run_training(run: RunConfig, model: Any, tokenizer: Any, data: Any, run_dir: Any) -> dict[str, Any]:
+    """Train with SFTTrainer, evaluate every source before and after, save model + tokenizer + state."""
+    args = build_sft_config(run, str(run_dir))
+    padding_free = run.packing.enabled and run.packing.strategy.value != "none"
+    trainer = make_trainer_class()(
+        model=model,
+        args=args,
+        data_collator=PackedCollator(tokenizer.pad_token_id, padding_free=padding_free),
+        train_dataset=data.train,
+        eval_dataset=data.eval or None,
+        processing_class=tokenizer,
+        source_names=data.source_names,
+    )
+    has_eval = bool(data.eval)
+    before = _eval_losses(trainer, data.eval_trained_tokens) if has_eval and run.eval_before_train else {}
+    result = trainer.train()
+    after = _eval_losses(trainer, data.eval_trained_tokens) if has_eval else {}
+    trainer.save_model(str(run_dir))
+    trainer.save_state()
+
+    history = trainer.state.log_history
+    runtime = float(result.metrics.get("train_runtime", 0.0)) or 1e-9
+    seen = int(getattr(trainer, "_total_train_tokens", 0))
+    return {
+        "train_loss_first": _train_losses(history, data.source_names, 0),
+        "train_loss_last": _train_losses(history, data.source_names, -1),
+        "eval_loss_before": before,
+        "eval_loss_after": after,
+        "train_loss_mean": round(float(result.training_loss), 6),
+        "global_steps": int(trainer.state.global_step),
+        "train_runtime_seconds": round(runtime, 2),
+        "train_tokens_seen": seen,
+        "train_tokens_per_second": round(seen / runtime, 1),
+        "trained_tokens": int(trainer.trained_tokens),
+        "packing_efficiency": data.stats["packing"]["efficiency"],
+    }

@@ -1,0 +1,117 @@
+"""Every group choice and every experiment preset composes and validates; bad keys, types, choices fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from sft_exp.config import ConfigError, RunConfig, to_run_config, validate
+from tests.conftest import CONF, compose, launch
+
+GROUPS = ["model", "template", "mixture", "packing", "distributed", "train"]
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)])
+def test_every_group_choice_composes_and_validates(group: str, choice: str) -> None:
+    run = to_run_config(compose([f"{group}={choice}"]))
+    assert isinstance(run, RunConfig)
+    validate(run)
+
+
+@pytest.mark.parametrize("preset", choices("experiment"))
+def test_every_experiment_preset_composes_and_validates(preset: str) -> None:
+    run = to_run_config(compose([f"experiment={preset}"]))
+    validate(run)
+
+
+def test_every_yaml_opens_with_its_command() -> None:
+    for path in CONF.rglob("*.yaml"):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and ("python launch.py" in first or "@package" in first), path
+
+
+def test_default_is_the_tiny_demo() -> None:
+    run = to_run_config(compose())
+    assert run.model.init.value == "random" and run.model.name_or_path.endswith("tiny_smollm3")
+    assert len(run.mixture.sources) >= 5
+    assert run.packing.enabled and run.train.assistant_only_loss and not run.train.bf16
+    assert not run.model.trust_remote_code
+
+
+def test_source_weight_override() -> None:
+    run = to_run_config(compose(["mixture.sources.arith.weight=0.5"]))
+    assert run.mixture.sources["arith"].weight == 0.5
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("model.foo=1", "Key 'foo' not in 'ModelConfig'"),
+        ("train.max_steps=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("model.dtype=fp8", "Invalid value 'fp8', expected one of [float32, bfloat16, float16]"),
+        ("packing.strategy=best", "expected one of [ffd, bfd, wrapped, none]"),
+    ],
+)
+def test_bad_override_fails_at_composition(override: str, needle: str) -> None:
+    with pytest.raises(Exception) as e:
+        compose([override])
+    assert needle in str(e.value) or needle in str(e.value.__cause__)
+
+
+def test_invalid_group_choice_lists_the_valid_ones(tmp_path) -> None:
+    r = launch(["model=nope"], cwd=tmp_path, timeout=60)
+    assert r.returncode != 0
+    assert "Could not find 'model/nope'" in r.stderr and "tiny" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("mixture.sources.arith.weight=-1", "mixture.sources.arith.weight: must be a number >= 0"),
+        ("mixture.sources.arith.weight=nan", "mixture.sources.arith.weight: must be a number >= 0"),
+        ("mixture.sources.arith.path=/nope.jsonl", "mixture.sources.arith.path: '/nope.jsonl' does not exist"),
+        ("train.eval_strategy=steps", "nothing to evaluate on"),
+        ("distributed.processes_per_node=2", "'single' runs one process"),
+    ],
+)
+def test_validate_rejects(override: str, needle: str) -> None:
+    overrides = [override]
+    if "eval_strategy" in override:
+        overrides.append("mixture.test_split_size=0")
+    run = to_run_config(compose(overrides))
+    with pytest.raises(ConfigError, match=".*") as e:
+        validate(run)
+    assert needle in str(e.value)
+
+
+def test_all_weights_zero_is_an_error() -> None:
+    run = to_run_config(compose())
+    for s in run.mixture.sources.values():
+        s.weight = 0.0
+    with pytest.raises(ConfigError, match="every weight is 0"):
+        validate(run)
+
+
+def test_train_extra_is_checked_against_sftconfig() -> None:
+    from sft_exp.train import build_sft_config
+
+    run = to_run_config(compose(["+train.extra.not_a_field=1"]))
+    with pytest.raises(ConfigError, match="train.extra.not_a_field: is not a field of trl.SFTConfig"):
+        build_sft_config(run, "/tmp/x")
+    run = to_run_config(compose(["+train.extra.optim=adafactor"]))
+    assert build_sft_config(run, "/tmp/x").optim.value == "adafactor"
+
+
+def test_frozen_config_round_trips(tmp_path) -> None:
+    from sft_exp.rundir import freeze, load_frozen
+
+    run = to_run_config(compose(["mixture.sources.sort.weight=2", "train.learning_rate=1e-4"]))
+    freeze(run, tmp_path, ["x=y"])
+    again = load_frozen(tmp_path)
+    assert again == run
+    assert "${" not in (tmp_path / "run_config.yaml").read_text()  # resolved: workers never need Hydra
+    assert OmegaConf.load(tmp_path / "run_config.yaml").mixture.sources.sort.weight == 2
