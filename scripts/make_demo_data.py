@@ -220,21 +220,24 @@ def _random_string(rng: random.Random) -> str:
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(4, 9)))
 
 
+def _spelled_reverse(text: str) -> str:
+    # Spelling the reversal letter by letter (one token per letter) gives a tiny model a learnable pattern;
+    # a bare reversed string is a handful of rare BPE tokens it cannot predict in a few minutes.
+    return f"Letter by letter, backwards: {'-'.join(text[::-1])}. So the answer is '{text[::-1]}'."
+
+
 def make_reverse(rng: random.Random) -> Row:
     kind = rng.choice(["word", "word", "string", "sequence"])
     if kind == "word":
         word = rng.choice(WORDS)
-        question, answer = rng.choice(
-            [
-                (f"Reverse the word '{word}'.", word[::-1]),
-                (f"Spell '{word}' backwards.", word[::-1]),
-                (f"What is '{word}' written backwards?", f"'{word}' reversed is '{word[::-1]}'."),
-            ]
+        question = rng.choice(
+            [f"Reverse the word '{word}'.", f"Spell '{word}' backwards.", f"What is '{word}' written backwards?"]
         )
+        answer = _spelled_reverse(word)
     elif kind == "string":
         text = _random_string(rng)
         question = rng.choice([f"Reverse this string: {text}", f"Write {text} in reverse order."])
-        answer = text[::-1]
+        answer = _spelled_reverse(text)
     else:
         words = rng.sample(WORDS, rng.randint(3, 6))
         question = rng.choice(
@@ -243,7 +246,7 @@ def make_reverse(rng: random.Random) -> Row:
                 f"Put these words in reverse order: {' '.join(words)}",
             ]
         )
-        answer = " ".join(reversed(words))
+        answer = f"Here are the words in reverse order: {' '.join(reversed(words))}."
     return row([user(question), assistant(answer)], enable_thinking=False)
 
 

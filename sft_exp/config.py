@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -26,6 +27,7 @@ class ConfigError(ValueError):
 class Mode(str, Enum):
     train = "train"
     prepare = "prepare"
+    inspect = "inspect"  # print rendered rows with the trained tokens highlighted; writes inspect.html
 
 
 class ModelInit(str, Enum):
@@ -50,6 +52,7 @@ class AttnImpl(str, Enum):
 
 class Weighting(str, Enum):
     fraction = "fraction"  # keep floor(w x rows) rows of a source; w > 1 upsamples, w = 0 drops it
+    proportion = "proportion"  # weights normalised into shares of mixture.total_rows or mixture.total_tokens
 
 
 class BadRows(str, Enum):
@@ -70,8 +73,44 @@ class Overflow(str, Enum):
     drop = "drop"
 
 
+class TrainOn(str, Enum):
+    """Which template tokens of an assistant turn carry loss (besides the turn's content, always trained)."""
+
+    content = "content"  # the assistant content + its end-of-turn token
+    # ... plus the turn's header ("<|im_start|>assistant\n") and the empty no_think block the template writes
+    content_and_header = "content_and_header"
+
+
 class DistStrategy(str, Enum):
-    single = "single"
+    single = "single"  # one process, no process group
+    ddp = "ddp"  # torch DistributedDataParallel (gloo on CPUs, nccl on GPUs)
+    fsdp = "fsdp"  # FSDP2 through accelerate; GPUs only (on a CPU the Trainer would silently run DDP)
+    zero2 = "zero2"  # DeepSpeed ZeRO stage 2
+    zero3 = "zero3"  # DeepSpeed ZeRO stage 3 (the recipe's: zero3 init, 16-bit model save)
+    zero3_offload = "zero3_offload"  # ZeRO-3 with parameters and optimizer state offloaded to CPU memory
+
+
+class DistBackend(str, Enum):
+    auto = "auto"  # nccl when CUDA is available, else gloo
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+class LauncherKind(str, Enum):
+    local = "local"  # this machine: in-process, or N ranks spawned here
+    slurm = "slurm"  # Hydra's submitit launcher submits every run (of a sweep) as a Slurm job
+
+
+class TrackingBackend(str, Enum):
+    none = "none"
+    wandb = "wandb"
+    tensorboard = "tensorboard"
+
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"  # writes <run_dir>/wandb/offline-run-*; `wandb sync` uploads it later
+    disabled = "disabled"
 
 
 # ------------------------------------------------------------------------------------------------------ the groups
@@ -93,6 +132,8 @@ class TemplateConfig:
     enable_thinking: bool = True  # the reasoning mode of rows whose chat_template_kwargs do not say
     # Pinned "Today Date" for templates that write one, so tokens (and cache keys) do not change with the calendar.
     date_string: str | None = None
+    # Tokens of an assistant turn that carry loss, whatever the template's {% generation %} markers wrap (see TrainOn).
+    train_on: TrainOn = TrainOn.content
 
 
 @dataclass
@@ -110,6 +151,9 @@ class SourceConfig:
 class MixtureConfig:
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     weighting: Weighting = Weighting.fraction
+    # The budget that weighting=proportion shares out: rows, or tokens that carry loss (assistant tokens).
+    total_rows: int | None = None
+    total_tokens: int | None = None
     seed: int = 0
     # Held-out rows per source, drawn before weighting: < 1 is a fraction of the source, >= 1 a row count.
     test_split_size: float = 0.0
@@ -128,8 +172,33 @@ class PackingConfig:
 @dataclass
 class DistributedConfig:
     strategy: DistStrategy = DistStrategy.single
-    nodes: int = 1
-    processes_per_node: int = 1
+    nodes: int = 1  # > 1 needs Slurm (launcher=slurm)
+    processes_per_node: int = 1  # ranks per node: at most one per GPU (or per CPU core without GPUs)
+    backend: DistBackend = DistBackend.auto
+    master_port: int = 0  # 0: a free port here; under Slurm, one derived from the job id
+    timeout_minutes: int = 30  # collective-operation timeout (the Trainer's ddp_timeout)
+    # The DeepSpeed JSON config for the zero* strategies ("auto" values are filled from train.*).
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    # transformers' fsdp_config for strategy=fsdp.
+    fsdp: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LauncherConfig:
+    """Where runs execute. launcher=slurm feeds these into hydra/launcher=submitit_slurm (conf/launcher/slurm.yaml)."""
+
+    kind: LauncherKind = LauncherKind.local
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    timeout_min: int = 60  # the job's time limit
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem_gb: int | None = None
+    # Times a job that hit its time limit checkpoints and requeues itself (preemptions requeue without limit).
+    max_requeues: int = 3
+    signal_delay_s: int = 120  # Slurm signals the job this long before its time limit
+    setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load, source venv)
 
 
 @dataclass
@@ -164,12 +233,45 @@ class TrainConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking (conf/tracking/*.yaml). No API key ever goes here: W&B reads WANDB_API_KEY from the env."""
+
+    backend: TrackingBackend = TrackingBackend.none
+    project: str = "sft-exp"
+    entity: str | None = None
+    mode: WandbMode = WandbMode.online
+    name: str | None = None  # null: the run's overrides (only the swept ones in a sweep)
+    group: str | None = None  # null: the sweep (its directory) in a multirun; no group for a single run
+    job_type: str | None = None  # null: the mode (train / prepare)
+    tags: list[str] = field(default_factory=list)
+    notes: str | None = None
+    # Peak dense TFLOP/s of one accelerator for MFU; null looks the GPU's name up (H100, H200, A100, ...).
+    peak_tflops: float | None = None
+
+
+@dataclass
+class SweepConfig:
+    # What launch.py returns to the sweeper (Optuna minimises it): the eval loss after training, over every source
+    # ("all", trained-token weighted) or one source's name.
+    objective: str = "all"
+
+
+@dataclass
+class InspectConfig:
+    """mode=inspect: rows shown with their trained tokens highlighted (terminal + <run_dir>/inspect.html)."""
+
+    n: int = 3  # rows per source, the first n of each
+    source: str | None = None  # one source of the mixture; null shows every source
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mode: Mode = Mode.train
     # Where tokenised sources are cached (shared by every run of a sweep); null = <repo>/outputs/cache.
@@ -178,6 +280,12 @@ class RunConfig:
     eval_before_train: bool = True
     # The experiment preset chosen, if any (set by conf/experiment/*.yaml; informational).
     experiment: str | None = None
+    # false: a new run directory. true: continue the latest run made with the same overrides (same command).
+    # <run dir>: continue that run. Either way training goes on from its last complete checkpoint.
+    resume: Any = False
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
 
 
 # ------------------------------------------------------------------------------------------------------ validation
@@ -187,6 +295,7 @@ def _fail(where: str, what: str, fix: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that the schema's types cannot express. Cheap: no model or data is loaded."""
+    validate_tracking_and_sweep(cfg)
     m = cfg.mixture
     if not m.sources:
         _fail("mixture.sources", "no sources", "Choose a mixture (mixture=demo) or add mixture.sources.<name>.path=...")
@@ -202,12 +311,35 @@ def validate(cfg: RunConfig) -> None:
             )
     if all(s.weight == 0 for s in m.sources.values()):
         _fail("mixture.sources.*.weight", "every weight is 0, nothing would be trained", "Give one source a weight > 0")
+    if m.weighting == Weighting.proportion and (m.total_rows is None) == (m.total_tokens is None):
+        _fail(
+            "mixture.weighting",
+            "'proportion' shares out a budget: set exactly one of mixture.total_rows or mixture.total_tokens",
+            "e.g. mixture.total_rows=10000",
+        )
+    if m.weighting == Weighting.fraction and (m.total_rows is not None or m.total_tokens is not None):
+        _fail(
+            "mixture.total_rows/total_tokens",
+            "only apply to mixture.weighting=proportion",
+            "Set mixture.weighting=proportion, or drop the budget",
+        )
+    for budget in ("total_rows", "total_tokens"):
+        if getattr(m, budget) is not None and getattr(m, budget) <= 0:
+            _fail(f"mixture.{budget}", f"must be > 0, got {getattr(m, budget)}", "")
     if m.test_split_size < 0 or math.isnan(m.test_split_size):
         _fail("mixture.test_split_size", f"must be >= 0, got {m.test_split_size}", "Use a fraction < 1 or a count")
     if m.test_split_size >= 1 and m.test_split_size != int(m.test_split_size):
         _fail("mixture.test_split_size", f"{m.test_split_size} is neither a fraction < 1 nor a whole count", "")
     if m.num_proc < 1:
         _fail("mixture.num_proc", f"must be >= 1, got {m.num_proc}", "")
+    if cfg.inspect.n < 1:
+        _fail("inspect.n", f"must be >= 1, got {cfg.inspect.n}", "Show at least one row, e.g. inspect.n=3")
+    if cfg.inspect.source is not None and cfg.inspect.source not in m.sources:
+        _fail(
+            "inspect.source",
+            f"'{cfg.inspect.source}' is not a source of the mixture",
+            f"Use one of {sorted(m.sources)}",
+        )
 
     p = cfg.packing
     if p.max_length < 16:
@@ -239,6 +371,110 @@ def validate(cfg: RunConfig) -> None:
             "distributed.strategy",
             f"'single' runs one process, but nodes x processes_per_node = {d.nodes * d.processes_per_node}",
             "Set distributed.nodes=1 distributed.processes_per_node=1",
+        )
+    validate_distributed_and_resume(cfg)
+
+
+ZERO_STAGE = {DistStrategy.zero2: 2, DistStrategy.zero3: 3, DistStrategy.zero3_offload: 3}
+
+
+def validate_distributed_and_resume(cfg: RunConfig) -> None:
+    """distributed.* against its engine's settings, launcher.*, and resume. Device checks (GPUs present, processes
+    per device) need torch and happen when the run starts (sft_exp.launch)."""
+    d = cfg.distributed
+    stage = ZERO_STAGE.get(d.strategy)
+    if stage is not None:
+        got = (d.deepspeed.get("zero_optimization") or {}).get("stage")
+        if got != stage:
+            _fail(
+                "distributed.deepspeed.zero_optimization.stage",
+                f"is {got} but distributed.strategy={d.strategy.value} means stage {stage}",
+                f"Choose the group (distributed={d.strategy.value}), which brings the matching DeepSpeed config",
+            )
+        offload = (d.deepspeed.get("zero_optimization") or {}).get("offload_param", {}).get("device", "none")
+        if (d.strategy == DistStrategy.zero3_offload) != (offload not in (None, "none")):
+            _fail("distributed.deepspeed", f"offload_param.device={offload} contradicts {d.strategy.value}", "")
+    elif d.deepspeed:
+        _fail("distributed.deepspeed", f"is set but distributed.strategy={d.strategy.value}", "Use distributed=zero3")
+    if d.fsdp and d.strategy != DistStrategy.fsdp:
+        _fail("distributed.fsdp", f"is set but distributed.strategy={d.strategy.value}", "Use distributed=fsdp")
+    if d.master_port and not 1024 <= d.master_port <= 65535:
+        _fail("distributed.master_port", f"{d.master_port} is not a port in 1024-65535", "Use 0 to pick a free one")
+    if d.timeout_minutes < 1:
+        _fail("distributed.timeout_minutes", f"must be >= 1, got {d.timeout_minutes}", "")
+    if cfg.launcher.timeout_min < 1 or cfg.launcher.max_requeues < 0:
+        _fail("launcher", "timeout_min must be >= 1 and max_requeues >= 0", "")
+    r = cfg.resume
+    if isinstance(r, str):
+        if not (Path(r) / "run_config.yaml").is_file():
+            _fail(
+                "resume",
+                f"'{r}' is not a sft-exp run directory (no run_config.yaml in it)",
+                "Use resume=true (the latest run of the same command) or resume=<a run directory>",
+            )
+    elif not isinstance(r, bool):
+        _fail("resume", f"must be true, false or a run directory, got {r!r}", "")
+
+
+# Environment variables whose values are secrets: a config value equal to one of them is refused (a key in a config
+# ends up in run_config.yaml, in logs and in the tracker's config).
+SECRET_ENV = re.compile(r"(API_KEY|ACCESS_KEY|_TOKEN$|^TOKEN$|SECRET|PASSWORD|PASSWD)", re.IGNORECASE)
+
+
+def secret_env_values() -> dict[str, str]:
+    """{value: env var name} of the secrets in the environment (8+ characters, so 'true' or '1' never match)."""
+    return {v: k for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 8}
+
+
+def validate_tracking_and_sweep(cfg: RunConfig) -> None:
+    """tracking.* and sweep.*: the backend is installed and can log in; no secret sits in the config."""
+    import importlib.util
+    from dataclasses import asdict
+
+    secrets = secret_env_values()
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(node, str):
+            for value, name in secrets.items():
+                if value in node:
+                    _fail(path, f"holds the value of ${name}", "Secrets come from the environment only: remove it")
+
+    walk(asdict(cfg), "")
+    t = cfg.tracking
+    if t.backend == TrackingBackend.wandb:
+        if importlib.util.find_spec("wandb") is None:
+            _fail("tracking", "is wandb but the wandb package is not installed", "pip install 'sft-exp[tracking]'")
+        netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        logged_in = "WANDB_API_KEY" in os.environ or (netrc.exists() and "wandb" in netrc.read_text(errors="ignore"))
+        if t.mode == WandbMode.online and not logged_in:
+            _fail(
+                "tracking.mode",
+                "is online but no W&B key is set (WANDB_API_KEY in the environment, or `wandb login`)",
+                "Export WANDB_API_KEY, or use tracking.mode=offline and `wandb sync` later",
+            )
+        if not t.project:
+            _fail("tracking.project", "is empty", "Name the W&B project, e.g. tracking.project=sft-exp")
+    if t.backend == TrackingBackend.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        _fail("tracking", "is tensorboard but the tensorboard package is not installed", "pip install tensorboard")
+    clash = {"wandb", "tensorboard", "all"} & set(cfg.train.report_to)
+    if clash:
+        _fail(
+            "train.report_to",
+            f"asks transformers for {sorted(clash)}: that would open a second, unnamed run",
+            f"Use tracking={sorted(clash - {'all'})[0] if clash - {'all'} else 'wandb'} and train.report_to=[none]",
+        )
+    names = set(cfg.mixture.sources)
+    if cfg.sweep.objective != "all" and cfg.sweep.objective not in names:
+        _fail(
+            "sweep.objective",
+            f"'{cfg.sweep.objective}' is neither 'all' nor a source of the mixture",
+            f"Use all or one of {sorted(names)}",
         )
 
 

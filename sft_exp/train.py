@@ -82,11 +82,13 @@ EXPLICIT_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"} 
     "data_seed",
     "logging_first_step",
     "warmup_steps",
+    "use_cpu",
 }
 
 
 def build_sft_config(run: RunConfig, output_dir: str) -> Any:
     """RunConfig -> trl.SFTConfig, field by field."""
+    import torch
     from trl import SFTConfig
 
     t = run.train
@@ -119,6 +121,8 @@ def build_sft_config(run: RunConfig, output_dir: str) -> Any:
         use_liger_kernel=t.use_liger_kernel,
         report_to=list(t.report_to),
         dataloader_num_workers=t.dataloader_num_workers,
+        # Say so explicitly on a machine without a GPU: TrainingArguments refuses bf16 otherwise.
+        use_cpu=not torch.cuda.is_available(),
         # The assistant mask is applied by our data stage (labels = -100 outside assistant spans); TRL's own
         # assistant_only_loss would re-tokenise conversations, which our pre-tokenised rows no longer are.
         assistant_only_loss=False,

@@ -24,7 +24,7 @@ import numpy as np
 
 from sft_exp.config import RunConfig
 from sft_exp.data import packing as pk
-from sft_exp.data.mixture import select_rows
+from sft_exp.data.mixture import select_mixture
 from sft_exp.data.sources import DataError, fingerprint, load_source, row_problem
 from sft_exp.data.template import RenderSpec, row_kwargs, tokenize_conversations
 
@@ -229,26 +229,30 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path) -> PreparedDat
     sources = [tokenize_source(n, run, spec, tokenizer, cache_dir) for n in names]
     t_tok = time.perf_counter() - t0
 
-    train_sel, eval_sel, per_source = [], [], {}
     for src in sources:
-        w = run.mixture.sources[src.name].weight
-        n = len(src.lengths)
-        if n == 0:
+        if len(src.lengths) == 0:
             raise DataError(f"mixture.sources.{src.name}: no valid rows left ({src.rows_dropped} dropped)")
-        sel = select_rows(n, w, run.mixture.test_split_size, run.mixture.seed, src.name)
-        train_sel.append(sel.train)
-        eval_sel.append(sel.eval)
+    m = run.mixture
+    trained_rows = {s.name: np.add.reduceat(s.assistant_masks, s.offsets[:-1]).astype(np.int64) for s in sources}
+    weights = {n: m.sources[n].weight for n in names}
+    selections = select_mixture(
+        trained_rows, weights, m.test_split_size, m.seed, m.weighting.value, m.total_rows, m.total_tokens
+    )
+    train_sel = [selections[s.name].train for s in sources]
+    eval_sel = [selections[s.name].eval for s in sources]
+    per_source = {}
+    for src in sources:
+        sel = selections[src.name]
         tl = src.lengths[sel.train]
-        trained = np.add.reduceat(src.assistant_masks, src.offsets[:-1])[sel.train] if len(sel.train) else tl
         per_source[src.name] = {
             "rows_in_source": src.rows_in_source,
             "rows_dropped": src.rows_dropped,
             "rows_heldout": int(len(sel.eval)),
             "rows": int(len(sel.train)),
-            "weight": w,
-            "epochs": sel.epochs,
+            "weight": weights[src.name],
+            "epochs": round(sel.epochs, 4),
             "tokens": int(tl.sum()),
-            "trained_tokens": int(trained.sum()),
+            "trained_tokens": int(trained_rows[src.name][sel.train].sum()),
             "think_share": round(float(src.think[sel.train].mean()), 4) if len(sel.train) else 0.0,
             **_length_stats(tl),
             "cache": src.cache,
@@ -273,6 +277,13 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path) -> PreparedDat
 
     total_tokens = sum(s["tokens"] for s in per_source.values())
     stats = {
+        "mixture": {
+            "weighting": m.weighting.value,
+            "total_rows": m.total_rows,
+            "total_tokens": m.total_tokens,
+            "seed": m.seed,
+            "test_split_size": m.test_split_size,
+        },
         "sources": per_source,
         "total": {
             "rows": sum(s["rows"] for s in per_source.values()),
@@ -302,13 +313,13 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path) -> PreparedDat
 
 def format_table(stats: dict[str, Any]) -> str:
     """The per-source table printed before training and by mode=prepare."""
-    cols = ["rows_in_source", "rows_heldout", "weight", "rows", "tokens", "trained_tokens", "think_share"]
+    cols = ["rows_in_source", "rows_heldout", "weight", "rows", "epochs", "tokens", "trained_tokens", "think_share"]
     cols += ["mean_length", "p95_length", "max_length", "rows_over_max_length", "rows_dropped", "cache"]
     head = ["source", *cols]
     body = [[name, *[str(s.get(c, "")) for c in cols]] for name, s in stats["sources"].items()]
     t = stats["total"]
-    body.append(["TOTAL", "", str(t["rows_heldout"]), "", str(t["rows"]), str(t["tokens"]), str(t["trained_tokens"])])
-    body[-1] += [str(t["think_share"])] + [""] * (len(cols) - 7)
+    body.append(["TOTAL", "", str(t["rows_heldout"]), "", str(t["rows"]), ""])
+    body[-1] += [str(t["tokens"]), str(t["trained_tokens"]), str(t["think_share"])] + [""] * (len(cols) - 8)
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     p = stats["packing"]
