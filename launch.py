@@ -31,16 +31,31 @@ def compose_and_validate(cfg: DictConfig) -> RunConfig:
 def freeze_run_dir(run: RunConfig) -> Path:
     from hydra.core.hydra_config import HydraConfig
 
-    from sft_exp.rundir import freeze
+    from sft_exp.rundir import freeze, write_json
+    from sft_exp.sweep import JOB_FILE, describe_job
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    # The tracker's run name and group are frozen with the config, so every process of the run (ranks, a requeued
+    # Slurm job) names it the same without Hydra.
+    job = describe_job(hc)
+    run.tracking.name = run.tracking.name or job["name"]
+    if run.tracking.group is None and job["sweep_dir"]:
+        run.tracking.group = job["group"]
     freeze(run, run_dir, list(hc.overrides.task))
+    if job["sweep_dir"]:
+        write_json(run_dir / JOB_FILE, {**job, "objective": run.sweep.objective})
     return run_dir
 
 
 def fail(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        # In a sweep, one bad combination fails its own job (recorded in the sweep index); the others still run.
+        raise RuntimeError(msg)
     raise SystemExit(2)
 
 
@@ -51,13 +66,12 @@ def main(cfg: DictConfig) -> float | None:
         run = compose_and_validate(cfg)
     except ConfigError as e:
         fail(str(e))
-    run_dir = freeze_run_dir(run)
-    print(f"run directory: {run_dir}", flush=True)
-
-    from sft_exp.run import execute
+    from sft_exp.launch import HydraJob, start
 
     try:
-        metrics = execute(run_dir, started)
+        # Settles the run directory (a new one, frozen by freeze_run_dir, or the one resumed), then runs it: here in
+        # this process, as N local ranks, or as this Slurm task's rank (sft_exp/launch/).
+        metrics = start(run, HydraJob.current(), lambda: freeze_run_dir(run), started)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         from sft_exp.data.sources import DataError
 
@@ -65,8 +79,26 @@ def main(cfg: DictConfig) -> float | None:
             fail(str(e))
         raise
     after = metrics.get("eval_loss_after", {}) if isinstance(metrics, dict) else {}
-    return after.get("all")  # the sweeper's objective
+    return after.get(run.sweep.objective)  # the sweeper's objective: overall or one source's eval loss
+
+
+def refuse_existing_run_dir(argv: list[str]) -> None:
+    """Hydra writes .hydra/ into the run directory before any of our code runs: refuse a directory that already
+    holds a run first, so nothing of it is overwritten (resume=... is the way back into one)."""
+    if any(a.startswith("resume=") and a != "resume=false" for a in argv):
+        return
+    for a in argv:
+        if a.startswith("hydra.run.dir="):
+            from sft_exp.config import ConfigError
+            from sft_exp.rundir import check_fresh
+
+            try:
+                check_fresh(Path(a.split("=", 1)[1]))
+            except ConfigError as e:
+                print(f"error: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
+    refuse_existing_run_dir(sys.argv[1:])
     main()

@@ -41,7 +41,25 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def check_fresh(run_dir: Path) -> None:
+    """A new run never writes into a directory that already holds a run (finished or not)."""
+    from sft_exp.config import ConfigError
+
+    if (run_dir / "metrics.json").exists():
+        raise ConfigError(
+            f"hydra.run.dir: {run_dir} already holds a finished run (metrics.json). "
+            "Choose another directory (the default is a new timestamped one); nothing there was changed"
+        )
+    if (run_dir / FROZEN).exists():
+        raise ConfigError(
+            f"hydra.run.dir: {run_dir} already holds an unfinished run. "
+            f"Continue it with resume={run_dir}, or choose another directory; nothing there was changed"
+        )
+
+
 def freeze(run: RunConfig, run_dir: Path, overrides: list[str]) -> None:
+    """Write the resolved config and the run's description into a fresh run directory."""
+    check_fresh(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FROZEN).write_text(dump_run_config(run))
     write_json(

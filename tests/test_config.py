@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from sft_exp.config import ConfigError, RunConfig, to_run_config, validate
 from tests.conftest import CONF, compose, launch
 
-GROUPS = ["model", "template", "mixture", "packing", "distributed", "train"]
+GROUPS = ["model", "template", "mixture", "packing", "distributed", "train", "tracking", "sweep", "peft"]
 
 
 def choices(group: str) -> list[str]:
@@ -19,7 +19,18 @@ def choices(group: str) -> list[str]:
 def test_every_group_choice_composes_and_validates(group: str, choice: str) -> None:
     run = to_run_config(compose([f"{group}={choice}"]))
     assert isinstance(run, RunConfig)
+    if (group, choice) == ("peft", "qlora") and not _cuda():
+        # GPU only: refused in validate() on a machine without CUDA (tests/test_peft.py checks the whole message)
+        with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+            validate(run)
+        return
     validate(run)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @pytest.mark.parametrize("preset", choices("experiment"))
@@ -54,7 +65,7 @@ def test_source_weight_override() -> None:
         ("model.foo=1", "Key 'foo' not in 'ModelConfig'"),
         ("train.max_steps=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
         ("model.dtype=fp8", "Invalid value 'fp8', expected one of [float32, bfloat16, float16]"),
-        ("packing.strategy=best", "expected one of [ffd, bfd, wrapped, none]"),
+        ("packing.strategy=best", "expected one of [ffd, bfd, bfd_split, wrapped, none]"),
     ],
 )
 def test_bad_override_fails_at_composition(override: str, needle: str) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
 import pytest
 
-from sft_exp.config import to_run_config, validate
+from sft_exp.config import DistStrategy, to_run_config, validate
 from tests.conftest import REPO, compose
 
 REFERENCE = REPO.parent / "shared" / "reference" / "smollm3_sft_recipe.md"
@@ -55,10 +56,24 @@ def test_template_and_packing(run) -> None:
     assert run.packing.enabled and run.packing.strategy.value == "ffd" and run.packing.max_length == 65536
 
 
+def test_launch_shape_and_tracking(run) -> None:
+    d = run.distributed
+    assert (d.strategy.value, d.nodes, d.processes_per_node, d.timeout_minutes) == ("zero3", 8, 8, 300)
+    z = d.deepspeed["zero_optimization"]
+    assert z["stage"] == 3 and z["stage3_gather_16bit_weights_on_model_save"] is True
+    assert z["offload_optimizer"]["device"] == "none" and z["offload_param"]["device"] == "none"
+    assert run.tracking.backend.value == "wandb"
+
+
 def test_every_trainer_value(run) -> None:
     from sft_exp.train import build_sft_config
 
-    args = build_sft_config(run, "/tmp/smollm3-sft")
+    # Built as a single process would (DeepSpeed on this GPU-less machine cannot take bf16); the launch shape is
+    # checked in test_launch_shape_and_tracking.
+    single = copy.deepcopy(run)
+    single.distributed.strategy = DistStrategy.single
+    single.distributed.nodes = single.distributed.processes_per_node = 1
+    args = build_sft_config(single, "/tmp/smollm3-sft")
     expected = {
         "learning_rate": 2e-5,
         "num_train_epochs": 5,
@@ -70,7 +85,6 @@ def test_every_trainer_value(run) -> None:
         "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
         "max_grad_norm": 0.2,
         "max_length": 65536,
-        "save_total_limit": 1,
         "seed": 42,
         "use_liger_kernel": True,
         "warmup_steps": 0.03,  # transformers 5 reads a float < 1 as the warmup ratio
@@ -87,3 +101,4 @@ def test_every_trainer_value(run) -> None:
     assert args.save_strategy.value == "epoch" and args.eval_strategy.value == "no"
     # assistant-only loss and ffd packing are ours (data stage), so TRL's own switches stay off on purpose
     assert run.train.assistant_only_loss and not args.packing
+    assert run.train.save_total_limit == 1  # rotated by sft_exp.checkpoints (complete checkpoints only), not TRL

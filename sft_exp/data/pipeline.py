@@ -25,8 +25,9 @@ import numpy as np
 from sft_exp.config import RunConfig
 from sft_exp.data import packing as pk
 from sft_exp.data.mixture import select_mixture
-from sft_exp.data.sources import DataError, fingerprint, load_source, row_problem
+from sft_exp.data.sources import DataError, check_same_columns, fingerprint, load_source, row_problem
 from sft_exp.data.template import RenderSpec, row_kwargs, tokenize_conversations
+from sft_exp.data.template_check import check_template, truncation_lines, truncation_report
 
 CACHE_VERSION = "1"
 
@@ -43,6 +44,7 @@ class TokenizedSource:
     rows_in_source: int
     rows_dropped: int
     cache: str  # "hit" or "miss"
+    columns: list[str] = field(default_factory=list)  # the source's columns as loaded (after `columns` selection)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -72,6 +74,7 @@ def cache_key(name: str, run: RunConfig, spec: RenderSpec, tokenizer_digest: str
         "enable_thinking": spec.enable_thinking,
         "date_string": spec.date_string,
         "special_tokens": spec.special_tokens,
+        "train_on": spec.train_on,
         "on_bad_rows": run.mixture.on_bad_rows.value,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -124,7 +127,9 @@ def _from_cached(name: str, path: Path, cache: str) -> TokenizedSource:
     ids, offsets = flat("input_ids")
     masks, _ = flat("assistant_masks")
     think = table.column("think").to_numpy().astype(np.int8)
-    return TokenizedSource(name, ids, masks, offsets, think, meta["rows_in_source"], meta["rows_dropped"], cache)
+    return TokenizedSource(
+        name, ids, masks, offsets, think, meta["rows_in_source"], meta["rows_dropped"], cache, meta["columns"]
+    )
 
 
 def tokenize_source(name: str, run: RunConfig, spec: RenderSpec, tokenizer: Any, cache_dir: Path) -> TokenizedSource:
@@ -156,13 +161,45 @@ def tokenize_source(name: str, run: RunConfig, spec: RenderSpec, tokenizer: Any,
         tmp = cache_dir / f".{name}-{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         out.save_to_disk(str(tmp))
-        meta = {"rows_in_source": rows_in_source, "rows_dropped": rows_in_source - len(out), "key": key}
+        meta = {
+            "rows_in_source": rows_in_source,
+            "rows_dropped": rows_in_source - len(out),
+            "key": key,
+            "columns": sorted(ds.column_names),
+        }
         (tmp / "sft_exp_meta.json").write_text(json.dumps(meta))
         os.replace(tmp, final)  # atomic: readers see no entry or a whole one
     return _from_cached(name, final, "miss")
 
 
+def check_header_fits(run: RunConfig, sources: list[TokenizedSource]) -> None:
+    """Refuse a max_length that truncation would leave without a single trained token in every row of a source
+    (the template's header + first user turn alone reach max_length)."""
+    _, overflow = packing_choice(run)
+    if overflow == "split" or not run.train.assistant_only_loss:
+        return
+    limit = run.packing.max_length
+    for src in sources:
+        first = np.array(
+            [int(np.argmax(src.assistant_masks[a:b])) for a, b in zip(src.offsets[:-1], src.offsets[1:])]
+        )
+        if len(first) and first.min() >= limit:
+            raise DataError(
+                f"packing.max_length={limit} is too small for the template's header: in every row of source "
+                f"'{src.name}' the first assistant token comes at position >= {first.min()}, so truncation would "
+                f"leave nothing to train. Use packing.max_length >= {int(np.percentile(first, 95)) + 64}"
+            )
+
+
 # ------------------------------------------------------------------------------------------------------- packing
+def packing_choice(run: RunConfig) -> tuple[str, str]:
+    """(planner strategy, overflow policy): TRL's bfd_split is our bfd with long sequences split."""
+    strategy = run.packing.strategy.value if run.packing.enabled else "none"
+    if strategy == "bfd_split":
+        return "bfd", "split"
+    return strategy, run.packing.overflow.value
+
+
 def _pack(
     run: RunConfig, sources: list[TokenizedSource], selections: list[np.ndarray]
 ) -> tuple[Any, dict[str, Any], np.ndarray, pk.PackPlan]:
@@ -181,8 +218,8 @@ def _pack(
         row_base += len(src.lengths)
     lengths_a = np.concatenate(lengths).astype(np.int64)
     seq_src = np.concatenate(src_of_seq)
-    strategy = run.packing.strategy.value if run.packing.enabled else "none"
-    plan = pk.pack_plan(lengths_a, run.packing.max_length, strategy, run.packing.overflow.value)
+    strategy, overflow = packing_choice(run)
+    plan = pk.pack_plan(lengths_a, run.packing.max_length, strategy, overflow)
     piece_src = seq_src[plan.seq_index]
     global_plan = dataclasses.replace(
         plan, seq_index=np.concatenate(global_rows)[plan.seq_index], num_sequences=row_base
@@ -226,12 +263,20 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path) -> PreparedDat
     t0 = time.perf_counter()
     spec = RenderSpec.build(run.template, tokenizer)
     names = sorted(run.mixture.sources)  # sorted: the result does not depend on the listing order
+    # Prove the loss mask on samples of every source before tokenising anything (raises, naming source and row).
+    from sft_exp.distributed import is_main_process
+
+    template_check = check_template(run, spec, tokenizer) if run.train.assistant_only_loss else None
+    if template_check is not None and is_main_process():
+        print(template_check.format(), flush=True)
     sources = [tokenize_source(n, run, spec, tokenizer, cache_dir) for n in names]
     t_tok = time.perf_counter() - t0
 
     for src in sources:
         if len(src.lengths) == 0:
             raise DataError(f"mixture.sources.{src.name}: no valid rows left ({src.rows_dropped} dropped)")
+    check_same_columns({s.name: s.columns for s in sources})
+    check_header_fits(run, sources)
     m = run.mixture
     trained_rows = {s.name: np.add.reduceat(s.assistant_masks, s.offsets[:-1]).astype(np.int64) for s in sources}
     weights = {n: m.sources[n].weight for n in names}
@@ -262,8 +307,12 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path) -> PreparedDat
     # overflow is counted per sequence; attribute truncations back to their sources
     over = lengths > run.packing.max_length
     seq_src = np.concatenate([np.full(len(s), i) for i, s in enumerate(train_sel)])
+    overflow = packing_choice(run)[1]
     for i, src in enumerate(sources):
         per_source[src.name]["rows_over_max_length"] = int(over[seq_src == i].sum())
+        per_source[src.name].update(truncation_report(run.packing.max_length, overflow, src, train_sel[i]))
+    for line in truncation_lines(per_source, run.packing.max_length, overflow) if is_main_process() else []:
+        print(line, flush=True)
 
     eval_sets, eval_trained = {}, {}
     for src, sel in zip(sources, eval_sel):
@@ -285,6 +334,7 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path) -> PreparedDat
             "test_split_size": m.test_split_size,
         },
         "sources": per_source,
+        "template_check": template_check.summary() if template_check is not None else None,
         "total": {
             "rows": sum(s["rows"] for s in per_source.values()),
             "rows_heldout": sum(s["rows_heldout"] for s in per_source.values()),

@@ -103,9 +103,9 @@ def load_source(name: str, spec: SourceConfig) -> Any:
     return ds.select_columns(wanted)
 
 
-def check_same_columns(datasets_by_name: dict[str, Any]) -> None:
+def check_same_columns(columns_by_source: dict[str, list[str]]) -> None:
     """Columns that differ across sources are an error naming the sources and columns."""
-    cols = {name: tuple(sorted(ds.column_names)) for name, ds in datasets_by_name.items()}
+    cols = {name: tuple(sorted(c)) for name, c in columns_by_source.items()}
     if len(set(cols.values())) > 1:
         lines = "; ".join(f"{n}: {list(c)}" for n, c in sorted(cols.items()))
         raise DataError(
