@@ -259,6 +259,19 @@ def _gather_kernel(src: np.ndarray, src_start: np.ndarray, lengths: np.ndarray, 
         d += m
 
 
+def _scatter_kernel(
+    src: np.ndarray, src_start: np.ndarray, lengths: np.ndarray, out: np.ndarray, dst_start: np.ndarray
+) -> None:
+    """Copy piece p = src[src_start[p] : src_start[p] + lengths[p]] to out[dst_start[p] : ...] (compiled): the
+    gather when the pieces of one output come from several sources, each filled in its own pass."""
+    for p in range(lengths.shape[0]):
+        s = np.uint64(src_start[p])
+        d = np.uint64(dst_start[p])
+        m = np.uint64(lengths[p])
+        for j in range(m):
+            out[d + j] = src[s + j]
+
+
 def _gather_slices(src: np.ndarray, src_start: np.ndarray, lengths: np.ndarray, out: np.ndarray) -> None:
     """Same copies with numpy slice assignment: the uncompiled path (no numba, or non-numeric dtypes)."""
     d = 0
@@ -273,6 +286,7 @@ _KERNEL_SOURCES: dict[str, Callable[..., Any]] = {
     "bfd": _bfd_kernel,
     "csr": _csr_kernel,
     "gather": _gather_kernel,
+    "scatter": _scatter_kernel,
 }
 _kernels: dict[str, Callable[..., Any]] = {}
 _kernels_lock = threading.Lock()
@@ -767,3 +781,20 @@ def position_ids_from_seq_lengths(seq_lengths: np.ndarray, dtype: Any = np.int64
     pos[starts] = 1 - seq_lengths[:-1]
     np.cumsum(pos, out=pos)
     return pos
+
+
+def scatter(
+    src: np.ndarray, src_start: np.ndarray, lengths: np.ndarray, out: np.ndarray, dst_start: np.ndarray
+) -> None:
+    """out[dst_start[p] : dst_start[p] + lengths[p]] = src[src_start[p] : src_start[p] + lengths[p]] for every p.
+
+    `src` may be a memory-mapped (read-only) view; only the pieces are read. Callers guarantee ranges are valid."""
+    if len(lengths) == 0:
+        return
+    _kernel("scatter")(
+        np.ascontiguousarray(src),
+        np.ascontiguousarray(src_start, dtype=np.int64),
+        np.ascontiguousarray(lengths, dtype=np.int64),
+        out,
+        np.ascontiguousarray(dst_start, dtype=np.int64),
+    )

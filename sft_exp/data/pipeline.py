@@ -10,7 +10,7 @@ renamed into place under a file lock, so concurrent runs never see a half-writte
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -29,26 +29,56 @@ from sft_exp.data.sources import DataError, check_same_columns, fingerprint, loa
 from sft_exp.data.template import RenderSpec, row_kwargs, tokenize_conversations
 from sft_exp.data.template_check import check_template, truncation_lines, truncation_report
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 @dataclass
 class TokenizedSource:
-    """A source's valid rows, tokenised: flat token arrays + per-row offsets (memory-mapped from the cache)."""
+    """A source's valid rows, tokenised, as stored in the cache: the token data stays in the memory-mapped Arrow
+    chunks (nothing is copied until rows are gathered into packed rows); per-row facts are small arrays."""
 
     name: str
-    input_ids: np.ndarray  # flat int32
-    assistant_masks: np.ndarray  # flat int8
-    offsets: np.ndarray  # int64, len = rows + 1
+    chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per Arrow chunk: (input_ids, assistant_masks, offsets)
+    chunk_rows: np.ndarray  # int64, len = chunks + 1: row r lives in chunk c where chunk_rows[c] <= r < [c + 1]
+    lengths: np.ndarray  # int64 tokens per row
+    trained: np.ndarray  # int64 assistant (trained) tokens per row
+    first_trained: np.ndarray  # int64 position of the first trained token (= length when none)
     think: np.ndarray  # int8 per row: 1 if the row renders in /think mode
     rows_in_source: int
     rows_dropped: int
     cache: str  # "hit" or "miss"
     columns: list[str] = field(default_factory=list)  # the source's columns as loaded (after `columns` selection)
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+    def _flat(self, k: int) -> np.ndarray:
+        return np.concatenate([c[k] for c in self.chunks]) if self.chunks else np.empty(0, np.int32)
+
+    # Flat views for diagnostics (template check, truncation report): these copy the source's tokens into memory.
+    @functools.cached_property
+    def input_ids(self) -> np.ndarray:
+        return self._flat(0)
+
+    @functools.cached_property
+    def assistant_masks(self) -> np.ndarray:
+        return self._flat(1)
+
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate(([0], np.cumsum(self.lengths))).astype(np.int64)
+
+    def gather(self, rows: np.ndarray, starts: np.ndarray, lengths: np.ndarray, outs: tuple, dst: np.ndarray) -> None:
+        """Copy tokens [starts[p], starts[p] + lengths[p]) of row rows[p] to dst[p] in each of outs (ids, masks),
+        chunk by chunk, straight from the memory-mapped cache."""
+        chunk = np.searchsorted(self.chunk_rows, rows, side="right") - 1
+        order = np.argsort(chunk, kind="stable")
+        bounds = np.searchsorted(chunk[order], np.arange(len(self.chunks) + 1))
+        for c in range(len(self.chunks)):
+            sel = order[bounds[c] : bounds[c + 1]]
+            if len(sel) == 0:
+                continue
+            ids, masks, offs = self.chunks[c]
+            src_start = offs[rows[sel] - self.chunk_rows[c]] + starts[sel]
+            for column, out in zip((ids, masks), outs):
+                pk.scatter(column, src_start, lengths[sel], out, dst[sel])
 
 
 @dataclass
@@ -108,7 +138,18 @@ def _tokenize_fn(spec: RenderSpec, tokenizer: Any, name: str, drop_bad: bool):
             keep_idx.append(i)
         ids, masks = tokenize_conversations(spec, tokenizer, keep_msgs, keep_kw)
         think = [_think_mode(spec, m, k) for m, k in zip(keep_msgs, keep_kw)]
-        return {"row": keep_idx, "input_ids": ids, "assistant_masks": masks, "think": think}
+        # Per-row facts stored beside the tokens, so selection, stats and checks never scan the token data.
+        trained = [int(m.sum()) for m in masks]
+        first = [int(np.argmax(m)) if t else len(m) for m, t in zip(masks, trained)]
+        return {
+            "row": keep_idx,
+            "input_ids": ids,
+            "assistant_masks": masks,
+            "think": think,
+            "length": [len(x) for x in ids],
+            "trained": trained,
+            "first_trained": first,
+        }
 
     return fn
 
@@ -116,19 +157,39 @@ def _tokenize_fn(spec: RenderSpec, tokenizer: Any, name: str, drop_bad: bool):
 def _from_cached(name: str, path: Path, cache: str) -> TokenizedSource:
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    ds = datasets.load_from_disk(str(path))  # memory-mapped
     meta = json.loads((path / "sft_exp_meta.json").read_text())
     table = ds.data.table
+    ids_col, mask_col = table.column("input_ids"), table.column("assistant_masks")
+    chunks, rows = [], [0]
+    for ids, masks in zip(ids_col.chunks, mask_col.chunks):
+        # .values is the chunk's whole (unsliced) buffer: cut it to the chunk's own range; zero-copy views.
+        offs = ids.offsets.to_numpy().astype(np.int64)
+        moffs = masks.offsets.to_numpy()
+        chunks.append(
+            (
+                ids.values.to_numpy()[offs[0] : offs[-1]],
+                masks.values.to_numpy()[moffs[0] : moffs[-1]],
+                offs - offs[0],
+            )
+        )
+        rows.append(rows[-1] + len(ids))
 
-    def flat(col: str) -> tuple[np.ndarray, np.ndarray]:
-        arr = table.column(col).combine_chunks()
-        return arr.values.to_numpy(zero_copy_only=False), arr.offsets.to_numpy().astype(np.int64)
+    def col(name: str, dtype: Any) -> np.ndarray:
+        return table.column(name).to_numpy().astype(dtype)
 
-    ids, offsets = flat("input_ids")
-    masks, _ = flat("assistant_masks")
-    think = table.column("think").to_numpy().astype(np.int8)
     return TokenizedSource(
-        name, ids, masks, offsets, think, meta["rows_in_source"], meta["rows_dropped"], cache, meta["columns"]
+        name,
+        chunks,
+        np.asarray(rows, dtype=np.int64),
+        col("length", np.int64),
+        col("trained", np.int64),
+        col("first_trained", np.int64),
+        col("think", np.int8),
+        meta["rows_in_source"],
+        meta["rows_dropped"],
+        cache,
+        meta["columns"],
     )
 
 
@@ -180,9 +241,7 @@ def check_header_fits(run: RunConfig, sources: list[TokenizedSource]) -> None:
         return
     limit = run.packing.max_length
     for src in sources:
-        first = np.array(
-            [int(np.argmax(src.assistant_masks[a:b])) for a, b in zip(src.offsets[:-1], src.offsets[1:])]
-        )
+        first = src.first_trained
         if len(first) and first.min() >= limit:
             raise DataError(
                 f"packing.max_length={limit} is too small for the template's header: in every row of source "
@@ -207,30 +266,23 @@ def _pack(
     import datasets
     import pyarrow as pa
 
-    # Sequences are addressed in a global row space (every row of every source, sources concatenated); the plan
-    # is made over the selected rows (with repeats for weights > 1) and then re-pointed at that global space.
-    lengths, global_rows, src_of_seq = [], [], []
-    row_base = 0
-    for s_i, (src, sel) in enumerate(zip(sources, selections)):
-        lengths.append(src.lengths[sel])
-        global_rows.append(sel + row_base)
-        src_of_seq.append(np.full(len(sel), s_i, dtype=np.int16))
-        row_base += len(src.lengths)
+    # The plan is made over the selected rows of every source (with repeats for weights > 1).
+    lengths = [src.lengths[sel] for src, sel in zip(sources, selections)]
+    src_of_seq = [np.full(len(sel), s_i, dtype=np.int16) for s_i, sel in enumerate(selections)]
     lengths_a = np.concatenate(lengths).astype(np.int64)
     seq_src = np.concatenate(src_of_seq)
     strategy, overflow = packing_choice(run)
     plan = pk.pack_plan(lengths_a, run.packing.max_length, strategy, overflow)
     piece_src = seq_src[plan.seq_index]
-    global_plan = dataclasses.replace(
-        plan, seq_index=np.concatenate(global_rows)[plan.seq_index], num_sequences=row_base
-    )
-    offsets, token_base = [np.zeros(1, dtype=np.int64)], 0
-    for src in sources:
-        offsets.append(src.offsets[1:] + token_base)
-        token_base += int(src.offsets[-1])
-    ids_all = np.concatenate([src.input_ids for src in sources])
-    masks_all = np.concatenate([src.assistant_masks for src in sources])
-    rows = pk.materialize(global_plan, {"input_ids": ids_all, "assistant_masks": masks_all}, np.concatenate(offsets))
+    # One output allocation per column; rows are copied chunk by chunk from each source's memory-mapped cache.
+    out_ids, out_masks = np.empty(plan.tokens, np.int32), np.empty(plan.tokens, np.int8)
+    dst = np.concatenate(([0], np.cumsum(plan.length)[:-1])).astype(np.int64)
+    local_rows = np.concatenate(selections)[plan.seq_index] if len(plan.seq_index) else plan.seq_index
+    for s_i, src in enumerate(sources):
+        p = np.flatnonzero(piece_src == s_i)
+        src.gather(local_rows[p], plan.start[p], plan.length[p], (out_ids, out_masks), dst[p])
+    row_offsets = np.concatenate(([0], np.cumsum(plan.length)))[plan.row_offsets]
+    rows = {"input_ids": out_ids, "assistant_masks": out_masks, "row_offsets": row_offsets}
 
     def list_col(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
         return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
@@ -278,7 +330,7 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path) -> PreparedDat
     check_same_columns({s.name: s.columns for s in sources})
     check_header_fits(run, sources)
     m = run.mixture
-    trained_rows = {s.name: np.add.reduceat(s.assistant_masks, s.offsets[:-1]).astype(np.int64) for s in sources}
+    trained_rows = {s.name: s.trained for s in sources}
     weights = {n: m.sources[n].weight for n in names}
     selections = select_mixture(
         trained_rows, weights, m.test_split_size, m.seed, m.weighting.value, m.total_rows, m.total_tokens
