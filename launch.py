@@ -87,7 +87,7 @@ def refuse_existing_run_dir(argv: list[str]) -> None:
     holds a run first, so nothing of it is overwritten (resume=... is the way back into one)."""
     if any(a.startswith("resume=") and a != "resume=false" for a in argv):
         return
-    for a in argv:
+    for a in reversed(argv):  # the last override wins, as in Hydra
         if a.startswith("hydra.run.dir="):
             from sft_exp.config import ConfigError
             from sft_exp.rundir import check_fresh
@@ -97,6 +97,7 @@ def refuse_existing_run_dir(argv: list[str]) -> None:
             except ConfigError as e:
                 print(f"error: {e}", file=sys.stderr)
                 raise SystemExit(2) from None
+            return
 
 
 if __name__ == "__main__":
