@@ -1,0 +1,593 @@
+"""Compare runs: a table on stdout, compare.md, compare.csv and PNG plots, from a sweep, run directories or W&B.
+
+    python -m sft_exp.compare outputs/sweeps/2026-11-28/12-00-00              # a sweep (writes into it)
+    python -m sft_exp.compare outputs/runs/2026-11-28/10-* --out cmp/         # any run directories
+    python -m sft_exp.compare --wandb my-team/sft-exp --group 2026-11-28/12-00-00 --out cmp/
+
+One row per run: the swept values, status, steps, final train loss, overall and per-source eval loss after training,
+tokens/s and wall time; the best run (lowest objective: `--objective all` or a source name) is marked. Plots:
+loss_curves.png (train loss and eval loss against the optimizer step, runs overlaid) and, for each swept key,
+final_eval_vs_<key>.png (final eval loss against the swept value; overall and per source).
+
+Swept keys come from the sweep index (what the command line or the sweeper varied); for loose run directories they
+are the config keys whose resolved values differ between the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sft_exp.sweep import INDEX, JOB_FILE, compact, load_index, short_key
+
+# Config keys that never count as "swept" when runs are diffed (names, paths and bookkeeping, not the experiment).
+NOT_EXPERIMENT = re.compile(r"^(tracking\.|sweep\.|cache_dir$|inspect\.|launcher\.|resume$|experiment$)")
+LOSS_UNIT = "loss (nats per trained token)"
+
+
+@dataclass
+class RunRecord:
+    name: str
+    path: str
+    status: str
+    swept: dict[str, Any] = field(default_factory=dict)
+    final: dict[str, Any] = field(default_factory=dict)  # metrics.json keys
+    train_curve: list[tuple[float, float]] = field(default_factory=list)  # (step, train loss, all sources)
+    eval_curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # source|all -> (step, loss)
+    job: int | None = None  # the job number in its sweep
+
+    @property
+    def label(self) -> str:
+        """The run's name in tables and legends: its swept values, or #<job> when they are too long to read."""
+        name = compact(self.name)
+        if len(name) <= 48:
+            return name
+        return f"#{self.job}" if self.job is not None else name[:45] + "..."
+
+    def eval_after(self, source: str = "all") -> float | None:
+        v = (self.final.get("eval_loss_after") or {}).get(source)
+        return float(v) if isinstance(v, (int, float)) else None
+
+
+# ------------------------------------------------------------------------------------------------------ local runs
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _typed(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            f = float(v)
+        except ValueError:
+            return v
+        return int(f) if f.is_integer() and re.fullmatch(r"[-+]?\d+", v.strip()) else f
+    return v
+
+
+def _flat_frozen(run_dir: Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from sft_exp.tracking import flatten
+
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "run_config.yaml"), resolve=False)
+    except (OSError, ValueError):
+        return {}
+    return flatten(cfg)
+
+
+def _log_history(run_dir: Path) -> list[dict[str, Any]]:
+    """trainer_state.json of the run, or of its latest checkpoint when the run has not finished."""
+    state = _read_json(run_dir / "trainer_state.json")
+    if state is None:
+        ckpts = sorted(run_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+        state = _read_json(ckpts[-1]) if ckpts else None
+    return (state or {}).get("log_history", [])
+
+
+def _weighted_all(losses: dict[str, float], weights: dict[str, float]) -> float | None:
+    """The eval loss over every source, weighted like train._eval_losses (trained tokens of each eval set)."""
+    if not losses or not weights or set(weights) - set(losses):
+        return None
+    total = sum(weights.values())
+    return sum(losses[n] * w for n, w in weights.items()) / total if total else None
+
+
+def curves_from_history(
+    rows: list[dict[str, Any]], final: dict[str, Any], step_key: str = "step", prefix: str = ""
+) -> tuple[list[tuple[float, float]], dict[str, list[tuple[float, float]]]]:
+    """(train curve, eval curves) from Trainer log rows (prefix "") or W&B history rows (prefix "train/", "eval/")."""
+    train_loss, eval_fmt = (f"{prefix}loss", "{}_loss") if prefix else ("loss", "eval_{}_loss")
+    eval_prefix = "eval/" if prefix else ""
+    train: list[tuple[float, float]] = []
+    per_step: dict[float, dict[str, float]] = {}
+    for r in rows:
+        step = r.get(step_key)
+        if not isinstance(step, (int, float)):
+            continue
+        if isinstance(r.get(train_loss), (int, float)):
+            train.append((float(step), float(r[train_loss])))
+        for k, v in r.items():
+            m = re.fullmatch(re.escape(eval_prefix) + eval_fmt.format("(.+)"), k)
+            if m and isinstance(v, (int, float)):
+                per_step.setdefault(float(step), {})[m.group(1)] = float(v)
+    evals: dict[str, list[tuple[float, float]]] = {}
+    before, after = final.get("eval_loss_before") or {}, final.get("eval_loss_after") or {}
+    weights = final.get("eval_trained_tokens") or {}
+    last = float(final["global_steps"]) if "global_steps" in final else None
+    points: dict[float, dict[str, float]] = {}
+    if before:
+        points[0.0] = {k: float(v) for k, v in before.items()}
+    for step, losses in per_step.items():
+        row = dict(losses)
+        total = _weighted_all(losses, weights)
+        if total is not None:
+            row["all"] = total
+        points.setdefault(step, {}).update(row)
+    if after and last is not None:
+        points[last] = {k: float(v) for k, v in after.items()}  # exact values from metrics.json win
+    for step in sorted(points):
+        for src, v in points[step].items():
+            evals.setdefault(src, []).append((step, v))
+    return sorted(train), evals
+
+
+def load_run(run_dir: Path, status: str | None = None, swept: dict[str, Any] | None = None) -> RunRecord:
+    final = _read_json(run_dir / "metrics.json") or {}
+    job = _read_json(run_dir / JOB_FILE) or {}
+    train, evals = curves_from_history(_log_history(run_dir), final)
+    return RunRecord(
+        name=job.get("name") or run_dir.name,
+        path=str(run_dir),
+        status=status or ("finished" if final else "unfinished"),
+        swept=dict(swept or job.get("swept") or {}),
+        final=final,
+        train_curve=train,
+        eval_curves=evals,
+    )
+
+
+def _run_dirs_under(path: Path) -> list[Path]:
+    return sorted(
+        p.parent for p in path.rglob("run_config.yaml") if not any(x.startswith("checkpoint-") for x in p.parts)
+    )
+
+
+def collect(paths: list[Path]) -> tuple[list[RunRecord], list[str], str]:
+    """Runs from sweep directories (their index) and run directories; the swept keys; a title."""
+    runs: list[RunRecord] = []
+    keys: list[str] = []
+    titles: list[str] = []
+    loose: list[Path] = []
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist (give a sweep directory or run directories)")
+        if (p / INDEX).exists():
+            data = load_index(p)
+            keys += [k for k in data.get("swept", []) if k not in keys]
+            titles.append(data.get("group") or p.name)
+            for e in sorted(data.get("runs", {}).values(), key=lambda e: (e.get("job_num") is None, e.get("job_num"))):
+                rec = load_run(p / e["dir"], status=e.get("status"), swept=e.get("swept"))
+                rec.name = e.get("name") or rec.name
+                rec.job = e.get("job_num")
+                runs.append(rec)
+        elif (p / "run_config.yaml").exists():
+            loose.append(p)
+        else:
+            found = _run_dirs_under(p)
+            if not found:
+                raise FileNotFoundError(
+                    f"{p}: no sweep index ({INDEX}) and no run directory (run_config.yaml) under it"
+                )
+            loose += found
+            titles.append(f"{p.name} ({len(found)} run directories)")
+    if loose:
+        flats = {d: _flat_frozen(d) for d in loose}
+        all_keys = sorted({k for f in flats.values() for k in f})
+        differing = [
+            k
+            for k in all_keys
+            if not NOT_EXPERIMENT.match(k) and len({json.dumps(f.get(k), default=str) for f in flats.values()}) > 1
+        ]
+        keys += [k for k in differing if k not in keys]
+        for d in loose:
+            rec = load_run(d)
+            rec.swept = {**{k: flats[d].get(k) for k in differing}, **rec.swept}
+            if not (d / JOB_FILE).exists():
+                rec.name = ",".join(f"{short_key(k)}={_val(flats[d].get(k))}" for k in differing) or d.name
+            runs.append(rec)
+        if len(titles) == len([p for p in paths if (p / INDEX).exists()]):  # only explicit run directories
+            titles.append(f"{len(loose)} run directories")
+    # Values typed from the frozen config when it has the key (1e-3 and 0.001 are the same learning rate).
+    for r in runs:
+        flat = _flat_frozen(Path(r.path)) if Path(r.path).exists() else {}
+        r.swept = {k: flat.get(k, _typed(r.swept.get(k))) for k in keys}
+    return runs, keys, ", ".join(titles)
+
+
+# ------------------------------------------------------------------------------------------------------ W&B
+def run_from_wandb(
+    name: str,
+    url: str,
+    state: str,
+    config: dict[str, Any],
+    summary: dict[str, Any],
+    history: list[dict[str, Any]],
+) -> RunRecord:
+    """A W&B run (as sft_exp.tracking logged it) -> RunRecord. Inputs are plain data, from the API or offline files."""
+
+    def section(prefix: str) -> dict[str, float]:
+        return {k.removeprefix(prefix): v for k, v in summary.items() if k.startswith(prefix)}
+
+    final: dict[str, Any] = {
+        "eval_loss_after": section("final/eval_loss/"),
+        "eval_loss_before": section("final/eval_loss_before/"),
+        "train_loss_last": section("final/train_loss/"),
+        "eval_trained_tokens": section("final/eval_trained_tokens/"),
+    }
+    for key, src in (
+        ("global_steps", "final/global_steps"),
+        ("train_tokens_per_second", "final/tokens_per_second"),
+        ("wall_seconds", "final/wall_seconds"),
+        ("packing_efficiency", "packing/efficiency"),
+    ):
+        if src in summary:
+            final[key] = summary[src]
+    final = {k: v for k, v in final.items() if v not in ({}, None)}
+    swept_keys = config.get("sweep.swept") or []
+    train, evals = curves_from_history(history, final, step_key="train/global_step", prefix="train/")
+    status = {"finished": "finished", "crashed": "failed", "failed": "failed", "running": "running"}.get(state, state)
+    return RunRecord(
+        name=name,
+        path=url,
+        status=status,
+        swept={k: config.get(k) for k in swept_keys},
+        final=final,
+        train_curve=train,
+        eval_curves=evals,
+    )
+
+
+def collect_wandb(path: str, group: str | None) -> tuple[list[RunRecord], list[str], str]:
+    """Runs of a W&B project (entity/project), optionally one group (a sweep), through W&B's public API."""
+    import wandb
+
+    api = wandb.Api()
+    runs = []
+    for r in api.runs(path, filters={"group": group} if group else None):
+        history = list(r.scan_history())  # every logged row: train and per-source eval losses
+        summary = getattr(r.summary, "_json_dict", None) or dict(r.summary)
+        runs.append(run_from_wandb(r.name, r.url, r.state, dict(r.config), dict(summary), history))
+    if not runs:
+        raise FileNotFoundError(f"W&B {path}: no runs" + (f" in group '{group}'" if group else ""))
+    keys: list[str] = []
+    for r in runs:
+        keys += [k for k in r.swept if k not in keys]
+    for r in runs:
+        r.swept = {k: r.swept.get(k) for k in keys}
+    return runs, keys, f"W&B {path}" + (f" group {group}" if group else "")
+
+
+# ------------------------------------------------------------------------------------------------------ table
+def sources_of(runs: list[RunRecord]) -> list[str]:
+    names: list[str] = []
+    for r in runs:
+        names += [k for k in (r.final.get("eval_loss_after") or {}) if k != "all" and k not in names]
+    return names
+
+
+def best_run(runs: list[RunRecord], objective: str) -> RunRecord | None:
+    scored = [r for r in runs if r.eval_after(objective) is not None and math.isfinite(r.eval_after(objective))]
+    return min(scored, key=lambda r: r.eval_after(objective)) if scored else None  # type: ignore[arg-type,return-value]
+
+
+def table(runs: list[RunRecord], keys: list[str], objective: str) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows (raw values) of the comparison."""
+    sources = sources_of(runs)
+    best = best_run(runs, objective)
+    header = ["run", *[short_key(k) for k in keys], "status", "steps", "train_loss", "eval_all"]
+    header += [f"eval_{s}" for s in sources] + ["tokens_per_s", "wall_s", "best"]
+    rows = []
+    for r in runs:
+        f = r.final
+        rows.append(
+            [
+                r.label,
+                *[r.swept.get(k) for k in keys],
+                r.status,
+                f.get("global_steps"),
+                (f.get("train_loss_last") or {}).get("all"),
+                r.eval_after("all"),
+                *[r.eval_after(s) for s in sources],
+                f.get("train_tokens_per_second"),
+                f.get("wall_seconds"),
+                "*" if r is best else "",
+            ]
+        )
+    return header, rows
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5):
+            return f"{v:.3g}"
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def _val(v: Any) -> str:
+    """A swept value as written on a command line: 0.01, 2, 3e-05 (not 0.0100)."""
+    return f"{v:g}" if isinstance(v, float) else _cell(v)
+
+
+def _cells(header: list[str], row: list[Any]) -> list[str]:
+    """Formatted cells: swept values (between 'run' and 'status') as given, throughput and time to 0.1."""
+    n_swept = header.index("status") - 1
+    out = []
+    for i, (h, v) in enumerate(zip(header, row)):
+        if 1 <= i <= n_swept:
+            out.append(_val(v))
+        elif h in ("tokens_per_s", "wall_s") and isinstance(v, float):
+            out.append(f"{v:.1f}")
+        else:
+            out.append(_cell(v))
+    return out
+
+
+def format_text(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [_cells(header, r) for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *cells)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells])
+
+
+def format_markdown(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        cells = ["**best**" if v == "*" else c.replace("|", "\\|") for v, c in zip(r, _cells(header, r))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ plots
+def _safe(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+
+
+def _numeric(values: list[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values if v is not None)
+
+
+def axis_label(key: str) -> str:
+    """The swept key with what its value means."""
+    if key.endswith(".weight") and key.startswith("mixture.sources."):
+        return f"{key} (source weight, unit set by mixture.weighting)"
+    if key.endswith("learning_rate"):
+        return f"{key} (peak learning rate)"
+    return key
+
+
+def plot_curves(runs: list[RunRecord], objective: str, title: str, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = best_run(runs, objective)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "viridis")
+    for i, r in enumerate(runs):
+        color = cmap(i % 10) if len(runs) <= 10 else cmap(i / max(1, len(runs) - 1))
+        label = r.label + (" (best)" if r is best else "") + ("" if r.status == "finished" else f" [{r.status}]")
+        lw = 2.6 if r is best else 1.4
+        if r.train_curve:
+            xs, ys = zip(*r.train_curve)
+            ax1.plot(xs, ys, color=color, lw=lw, label=label, marker="." if len(xs) < 20 else None)
+        curve = r.eval_curves.get(objective, [])
+        if curve:
+            xs, ys = zip(*curve)
+            ax2.plot(xs, ys, color=color, lw=lw, ls="--", marker="o", label=label)
+    ax1.set_title("Training loss, all sources (logged every logging_steps)")
+    ax2.set_title(
+        f"Held-out eval loss: {'all sources' if objective == 'all' else objective} (step 0 = before training)"
+    )
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax1, ax2):
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(LOSS_UNIT)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(left=0)
+    handles, labels = ax1.get_legend_handles_labels()
+    if not handles:
+        handles, labels = ax2.get_legend_handles_labels()
+    if handles:
+        small = len(runs) > 12
+        fig.legend(handles, labels, loc="outside right upper", fontsize=6 if small else 8, title="run",
+                   ncol=2 if len(runs) > 24 else 1)  # fmt: skip
+    fig.suptitle(f"Loss curves: {title} ({len(runs)} runs)", fontsize=13)
+    path = out / "loss_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_vs_key(runs: list[RunRecord], keys: list[str], key: str, objective: str, title: str, out: Path) -> Path:
+    """Final eval loss against one swept value: overall (a line per combination of the other keys) and per source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in runs if r.eval_after(objective) is not None]
+    values = [r.swept.get(key) for r in done]
+    numeric = _numeric(values)
+    cats = sorted({str(v) for v in values}) if not numeric else []
+
+    def x_of(r: RunRecord) -> float:
+        v = r.swept.get(key)
+        return float(v) if numeric else float(cats.index(str(v)))
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+    others = [k for k in keys if k != key]
+    series: dict[str, list[RunRecord]] = {}
+    for r in done:
+        label = ", ".join(f"{short_key(k)}={_val(r.swept.get(k))}" for k in others) or "one run per value"
+        series.setdefault(label, []).append(r)
+    # A grid (few combinations of the other keys, several values each): a line per combination. Otherwise
+    # (Optuna: every run its own combination) one point per run.
+    grid = len(series) <= 8 and any(len(rs) > 1 for rs in series.values())
+    if grid:
+        for label, rs in sorted(series.items()):
+            rs = sorted(rs, key=x_of)
+            ax1.plot([x_of(r) for r in rs], [r.eval_after(objective) for r in rs], marker="o", lw=1.2, label=label)
+    else:
+        ax1.scatter([x_of(r) for r in done], [r.eval_after(objective) for r in done], label="one run per point")
+    best = best_run(done, objective)
+    if best is not None:
+        ax1.scatter([x_of(best)], [best.eval_after(objective)], marker="*", s=260, color="gold", edgecolor="black",
+                    zorder=5, label=f"best: {best.label}")  # fmt: skip
+    # per source: the mean over the other keys' combinations at each value
+    for src in sources_of(done):
+        by_x: dict[float, list[float]] = {}
+        for r in done:
+            v = r.eval_after(src)
+            if v is not None:
+                by_x.setdefault(x_of(r), []).append(v)
+        if by_x:
+            xs = sorted(by_x)
+            ax2.plot(xs, [sum(by_x[x]) / len(by_x[x]) for x in xs], marker="o", lw=1.2, label=src)
+    span = sorted({float(v) for v in values if v is not None}) if numeric else []
+    log_x = bool(span) and span[0] > 0 and (max(span) / span[0] >= 20 or "learning_rate" in key)
+    for ax in (ax1, ax2):
+        ax.set_xlabel(axis_label(key) + (" (log scale)" if log_x else ""))
+        ax.set_ylabel(f"final eval {LOSS_UNIT}")
+        ax.grid(alpha=0.3)
+        if log_x:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(range(len(cats)), cats)
+        elif len(span) <= 8 and all(f"{v:.4g}" == _val(v) for v in span):  # a grid: tick exactly its values
+            ax.set_xticks(span, [_val(v) for v in span])
+            ax.minorticks_off()
+    ax1.set_title(f"Eval loss after training ({'all sources' if objective == 'all' else objective})")
+    if not others:
+        per_source = "per source"
+    elif not grid:
+        per_source = "per source (one point per run)"
+    else:
+        per_source = f"per source (mean over {', '.join(map(short_key, others))})"
+    ax2.set_title(f"Eval loss after training, {per_source}")
+    ax1.legend(fontsize=8, title=(", ".join(map(short_key, others)) or None) if grid else None)
+    if ax2.get_legend_handles_labels()[0]:
+        ax2.legend(fontsize=8, title="source", ncol=2 if len(sources_of(done)) > 8 else 1)
+    fig.suptitle(f"Final eval loss vs {key}: {title}", fontsize=13)
+    path = out / f"final_eval_vs_{_safe(key)}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def _shown(path: str, out: Path) -> str:
+    """A run's path as compare.md shows it: relative to the report when the run lies beneath it."""
+    try:
+        return str(Path(path).resolve().relative_to(out.resolve()))
+    except ValueError:
+        return path
+
+
+def write_report(
+    runs: list[RunRecord], keys: list[str], objective: str, title: str, out: Path, plots: bool = True
+) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = table(runs, keys, objective)
+    written: dict[str, Path] = {}
+    with open(out / "compare.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([*header, "path"])
+        for r, rec in zip(rows, runs):
+            w.writerow(["" if v is None else v for v in r] + [rec.path])
+    written["csv"] = out / "compare.csv"
+    images: list[Path] = []
+    if plots and runs:
+        images.append(plot_curves(runs, objective, title, out))
+        for k in keys:
+            if any(r.eval_after(objective) is not None for r in runs):
+                images.append(plot_vs_key(runs, keys, k, objective, title, out))
+    best = best_run(runs, objective)
+    md = [
+        f"# Comparison: {title}",
+        "",
+        f"{len(runs)} runs; swept: {', '.join(f'`{k}`' for k in keys) or 'nothing'}; objective: eval loss after "
+        f"training, {'all sources (trained-token weighted)' if objective == 'all' else f'source `{objective}`'}.",
+        "",
+        f"Best: **{best.label}** ({objective} eval loss {best.eval_after(objective):.4f}, `{_shown(best.path, out)}`)"
+        if best
+        else "No run has finished with an eval loss yet.",
+        "",
+        "Losses in nats per trained token; `tokens_per_s` = training tokens per second; `wall_s` = the whole run.",
+        "",
+        format_markdown(header, rows),
+        "",
+    ]
+    md += [f"![{p.stem}]({p.name})\n" for p in images]
+    (out / "compare.md").write_text("\n".join(md))
+    written["md"] = out / "compare.md"
+    for p in images:
+        written[p.stem] = p
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m sft_exp.compare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    ap.add_argument("paths", nargs="*", type=Path, help="sweep directories and/or run directories")
+    ap.add_argument("--out", type=Path, help="where compare.md/.csv and the PNGs go (default: the sweep directory "
+                    "when one is given, else ./compare)")  # fmt: skip
+    ap.add_argument("--objective", default="all", help="eval loss that picks the best run: all or a source name")
+    ap.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B's API instead of directories")
+    ap.add_argument("--group", help="with --wandb: only this group (a sweep: <date>/<time> of its directory)")
+    ap.add_argument("--no-plots", action="store_true")
+    a = ap.parse_args(argv)
+    if bool(a.paths) == bool(a.wandb):
+        ap.error("give sweep/run directories, or --wandb ENTITY/PROJECT [--group G], not both")
+    try:
+        runs, keys, title = collect_wandb(a.wandb, a.group) if a.wandb else collect(a.paths)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not runs:
+        print("error: no runs found", file=sys.stderr)
+        return 2
+    names = sources_of(runs)
+    if a.objective != "all" and a.objective not in names:
+        print(f"error: --objective {a.objective} is neither 'all' nor a source ({', '.join(names)})", file=sys.stderr)
+        return 2
+    out = a.out or (a.paths[0] if len(a.paths) == 1 and (a.paths[0] / INDEX).exists() else Path("compare"))
+    header, rows = table(runs, keys, a.objective)
+    print(f"{title}: {len(runs)} runs, objective eval_loss_after.{a.objective} (* = best)")
+    print(format_text(header, rows))
+    written = write_report(runs, keys, a.objective, title, out, plots=not a.no_plots)
+    print("\nwrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

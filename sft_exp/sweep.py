@@ -1,0 +1,480 @@
+"""The sweep index: one JSON file per sweep directory listing its runs (overrides, swept values, status, final metrics).
+
+    python -m sft_exp.sweep outputs/sweeps/2026-11-28/12-00-00            # print the index (refreshed from disk)
+    python -m sft_exp.sweep outputs/sweeps/2026-11-28/12-00-00 --rebuild  # rebuild it from the run directories
+
+Who writes it, and why it survives the launcher going away:
+- `SweepIndexCallback.on_multirun_start` (the launching process, before any job) writes the sweep's header: the
+  command line, the sweeper and launcher, and which keys are swept (command-line sweeps and `hydra.sweeper.params`).
+- Every job records itself from inside its own process (`on_job_start` -> running, `on_job_end` -> finished or
+  failed with its final metrics), whatever launched it: the basic launcher, submitit on this host or a Slurm node.
+  Each update is a read-modify-write under a file lock next to the index, written atomically (rename), so concurrent
+  jobs never lose each other's entries and a reader never sees half a file.
+- A job killed outright (SIGKILL, OOM, a node lost) cannot record its end: `load_index` reconciles on read. A run
+  whose metrics.json exists is finished; a "running" run whose process is gone from this host is "died".
+  `--rebuild` recreates the whole index from the run directories alone (run_info.json, metrics.json).
+
+Only light imports here (json, filelock, hydra's callback base): it is imported by Hydra for every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+INDEX = "sweep_index.json"
+JOB_FILE = "sweep_job.json"  # in each run directory: its sweep, name and swept values (read by tracking, compare)
+METRICS = "metrics.json"
+FINAL_KEYS = ("eval_loss_after", "eval_loss_before", "train_loss_last", "train_loss_mean", "global_steps")
+FINAL_KEYS += ("train_tokens_per_second", "packing_efficiency", "wall_seconds", "mfu")
+LONG_FLOAT = re.compile(r"\d*\.\d{5,}(?:[eE][-+]?\d+)?")  # Optuna's samples: 0.5939321535345923
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process job (torchrun's RANK, else Slurm's SLURM_PROCID); a plain process is rank 0."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var]) == 0
+    return True
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """'+train.lr=1e-3' -> ('train.lr', '1e-3'); '~key' -> ('key', '~')."""
+    key, _, value = text.partition("=")
+    if key.startswith("~"):
+        return key.lstrip("~"), "~"
+    return key.lstrip("+"), value
+
+
+def swept_keys(task_overrides: list[str], sweeper_params: dict[str, Any] | None) -> list[str]:
+    """Keys a multirun varies: sweep syntax on the command line (a,b / range / interval / choice) + sweeper params."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys: list[str] = []
+    for o in OverridesParser.create().parse_overrides(list(task_overrides)):
+        if o.is_sweep_override() and o.key_or_group not in keys:
+            keys.append(o.key_or_group)
+    for k in sweeper_params or {}:
+        k = parse_override(f"{k}=")[0]
+        if k not in keys:
+            keys.append(k)
+    return keys
+
+
+def short_key(key: str) -> str:
+    """A label for plots and run names: mixture.sources.arith.weight -> arith.weight, train.learning_rate -> lr."""
+    key = key.removeprefix("mixture.sources.").removeprefix("train.")
+    return {"learning_rate": "lr"}.get(key, key)
+
+
+def compact(value: Any) -> str:
+    """Optuna's 0.5939321535345923 -> 0.5939 (for names and tables; the exact value stays in the overrides)."""
+    return LONG_FLOAT.sub(lambda m: f"{float(m.group()):.4g}", str(value))
+
+
+def run_name(swept: dict[str, str], fallback: str) -> str:
+    """The tracker's run name: the swept values (short keys, compact floats), e.g. lr=0.001,arith.weight=2."""
+    return ",".join(f"{short_key(k)}={compact(v)}" for k, v in swept.items()) or fallback
+
+
+def group_name(sweep_dir: Path) -> str:
+    """W&B group of a sweep: the last two parts of its directory (outputs/sweeps/<date>/<time> -> <date>/<time>)."""
+    return "/".join(sweep_dir.resolve().parts[-2:])
+
+
+def _objective_of(final: dict[str, Any], objective: str) -> float | None:
+    v = (final.get("eval_loss_after") or {}).get(objective)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def final_metrics(run_dir: Path, objective: str = "all") -> dict[str, Any] | None:
+    """The compact final metrics of a finished run (None if metrics.json is absent: not finished)."""
+    m = _read_json(Path(run_dir) / METRICS)
+    if not isinstance(m, dict):
+        return None
+    final = {k: m[k] for k in FINAL_KEYS if k in m}
+    final["objective"] = _objective_of(final, objective)
+    return final
+
+
+MAX_DIRNAME = 200  # a file name may have 255 bytes
+
+
+def run_dirname(override_dirname: str, job_num: Any = None) -> str:
+    """A sweep run's directory name: its overrides (hydra.job.override_dirname), as they are when short.
+
+    A name that would not fit a file name (255 bytes), or holds Optuna's 16-digit floats, is compacted: short keys,
+    floats to 4 significant digits, prefixed with the job number so names stay unique (the exact values are in the
+    run's .hydra/overrides.yaml and the sweep index); a path in a value never nests directories.
+    """
+    name = str(override_dirname).replace("/", "_") or f"job{job_num}"
+    if len(name) <= MAX_DIRNAME and not LONG_FLOAT.search(name):
+        return name
+    parts = []
+    for item in str(override_dirname).split(","):
+        key, eq, value = item.partition("=")
+        value = compact(value)
+        parts.append(f"{short_key(key)}{eq}{value}".replace("/", "_"))
+    name = f"{job_num}_" + ",".join(parts)
+    if len(name) > MAX_DIRNAME:
+        digest = hashlib.sha1(str(override_dirname).encode()).hexdigest()[:8]
+        name = f"{name[: MAX_DIRNAME - 9]}-{digest}"
+    return name
+
+
+def register_resolvers() -> None:
+    """${run_dirname:<override_dirname>,<job num>} for hydra.sweep.subdir. Idempotent; runs at import too, so a
+    submitit worker (which unpickles this module's callback before resolving its job's directory) has it."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("run_dirname"):
+        OmegaConf.register_new_resolver("run_dirname", run_dirname)
+
+
+# ------------------------------------------------------------------------------------------------------ the index
+class SweepIndex:
+    """Read-modify-write access to <sweep_dir>/sweep_index.json under a file lock."""
+
+    def __init__(self, sweep_dir: str | Path) -> None:
+        self.dir = Path(sweep_dir).resolve()
+        self.path = self.dir / INDEX
+
+    def _lock(self) -> Any:
+        from filelock import FileLock
+
+        return FileLock(str(self.dir / f".{INDEX}.lock"), timeout=120)
+
+    def read(self) -> dict[str, Any]:
+        data = _read_json(self.path)
+        return data if isinstance(data, dict) else {"sweep_dir": str(self.dir), "runs": {}}
+
+    def update(self, fn: Any) -> dict[str, Any]:
+        """Apply fn(index) -> None under the lock and write the result back atomically."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            data = self.read()
+            data.setdefault("runs", {})
+            fn(data)
+            data["updated"] = _now()
+            data["runs"] = data.pop("runs")  # the header first, the (long) list of runs last
+            _write_json(self.path, data)
+            return data
+
+    def set_header(self, **fields: Any) -> None:
+        self.update(lambda d: d.update(fields))
+
+    def record_run(self, run_dir: str | Path, **fields: Any) -> None:
+        key = self.run_key(run_dir)
+
+        def apply(d: dict[str, Any]) -> None:
+            entry = d["runs"].setdefault(key, {"dir": key})
+            entry.update(fields)
+
+        self.update(apply)
+
+    def run_key(self, run_dir: str | Path) -> str:
+        p = Path(run_dir).resolve()
+        try:
+            return str(p.relative_to(self.dir))
+        except ValueError:
+            return str(p)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def load_index(sweep_dir: str | Path, write: bool = True) -> dict[str, Any]:
+    """The index, reconciled with the run directories (see the module docstring); written back when it changed."""
+    idx = SweepIndex(sweep_dir)
+    if not idx.path.exists():
+        return rebuild(sweep_dir, write=write)
+    data = idx.read()
+    objective = data.get("objective", "all")
+    changes: dict[str, dict[str, Any]] = {}
+    host = socket.gethostname()
+    for key, e in data.get("runs", {}).items():
+        if e.get("status") in ("finished", "failed"):
+            continue
+        final = final_metrics(idx.dir / key, objective)
+        if final is not None:
+            changes[key] = {"status": "finished", "final": final, "reconciled": True}
+        elif e.get("host") == host and isinstance(e.get("pid"), int) and not _pid_alive(e["pid"]):
+            changes[key] = {"status": "died", "error": "its process ended without recording an end", "reconciled": True}
+    for key, entry in _discover_runs(idx.dir).items():
+        if key not in data.get("runs", {}):
+            changes[key] = {**entry, "reconciled": True}
+    header: dict[str, Any] = {}
+    pid = data.get("launcher_pid")
+    if data.get("status") == "running" and data.get("launcher_host") == host and isinstance(pid, int):
+        if not _pid_alive(pid):  # the launcher ended without on_multirun_end (a failed job, a kill)
+            header = {"status": "ended", "note": "the launching process ended before the sweep recorded its end"}
+
+    def apply(d: dict[str, Any]) -> None:
+        d.update(header)
+        for k, c in changes.items():
+            d.setdefault("runs", {}).setdefault(k, {"dir": k}).update(c)
+
+    if (changes or header) and write:
+        return idx.update(apply)
+    apply(data)
+    return data
+
+
+def _discover_runs(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+    """Run directories under a sweep (they hold run_info.json), described from their own files."""
+    out: dict[str, dict[str, Any]] = {}
+    for info_path in sorted(sweep_dir.rglob("run_info.json")):
+        run_dir = info_path.parent
+        if any(part.startswith("checkpoint-") for part in run_dir.parts):
+            continue
+        info = _read_json(info_path) or {}
+        job = _read_json(run_dir / JOB_FILE) or {}
+        final = final_metrics(run_dir, job.get("objective", "all"))
+        out[str(run_dir.relative_to(sweep_dir))] = {
+            "dir": str(run_dir.relative_to(sweep_dir)),
+            "name": job.get("name", run_dir.name),
+            "job_num": job.get("job_num"),
+            "overrides": info.get("overrides", []),
+            "swept": job.get("swept", {}),
+            "status": "finished" if final is not None else "unknown",
+            "started": info.get("started"),
+            "final": final,
+        }
+    return out
+
+
+def rebuild(sweep_dir: str | Path, write: bool = True) -> dict[str, Any]:
+    """The index from the run directories alone (for a sweep whose index was lost or never written)."""
+    idx = SweepIndex(sweep_dir)
+    runs = _discover_runs(idx.dir)
+    old = idx.read()
+    swept: list[str] = list(old.get("swept") or [])
+    for e in runs.values():
+        swept += [k for k in e["swept"] if k not in swept]
+    data = {"group": group_name(idx.dir), **old, "sweep_dir": str(idx.dir), "swept": swept, "runs": runs}
+    data["rebuilt"] = _now()
+    if write and runs:
+        idx.update(lambda d: (d.clear(), d.update(data)))
+    return data
+
+
+# ------------------------------------------------------------------------------------------------------ job side
+def describe_job(hc: Any) -> dict[str, Any]:
+    """In a Hydra job: {sweep_dir, job_num, name, swept {key: value}, overrides, group} (sweep_dir None: single run)."""
+    from hydra.types import RunMode
+
+    overrides = [str(o) for o in hc.overrides.task]
+    values = dict(parse_override(o) for o in overrides)
+    if hc.mode != RunMode.MULTIRUN:
+        return {"sweep_dir": None, "name": hc.job.override_dirname or "default", "swept": {}, "overrides": overrides}
+    sweep_dir = Path(str(hc.sweep.dir)).resolve()
+    header = _read_json(sweep_dir / INDEX) or {}
+    keys = header.get("swept")
+    if keys is None:  # no callback ran in the launcher: the sweeper's params are all this process can see
+        keys = swept_keys([], _params(hc.sweeper))
+    swept = {k: values[k] for k in keys if k in values}
+    return {
+        "sweep_dir": str(sweep_dir),
+        "job_num": int(hc.job.num),
+        "name": run_name(swept, hc.job.override_dirname or f"job{hc.job.num}"),
+        "group": group_name(sweep_dir),
+        "swept": swept,
+        "overrides": overrides,
+    }
+
+
+def _params(sweeper_cfg: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    params = sweeper_cfg.get("params") if sweeper_cfg is not None else None
+    return OmegaConf.to_container(params) if params is not None else {}  # type: ignore[return-value]
+
+
+def _base_callback() -> type:
+    try:
+        from hydra.experimental.callback import Callback
+
+        return Callback
+    except ImportError:  # pragma: no cover - hydra is a dependency; keeps `python -m sft_exp.sweep` importable
+        return object
+
+
+class SweepIndexCallback(_base_callback()):  # type: ignore[misc]
+    """Hydra callback (conf/config.yaml: hydra.callbacks.sweep_index) that keeps the index of a multirun.
+
+    on_multirun_start and on_multirun_end run in the launching process; on_job_start and on_job_end run in each
+    job's own process (for submitit/Slurm, on the node), so the index is complete however the jobs were launched.
+    """
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        h = config.hydra
+        sweep_dir = Path(str(h.sweep.dir)).resolve()
+        task = [str(o) for o in h.overrides.task]
+        keys = swept_keys(task, _params(h.sweeper))
+        objective = str(config.get("sweep", {}).get("objective", "all"))
+        sweeper = str(h.sweeper.get("_target_", "")).rsplit(".", 1)[-1]
+        launcher = str(h.launcher.get("_target_", "")).rsplit(".", 1)[-1]
+        command = " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
+        SweepIndex(sweep_dir).set_header(
+            sweep_dir=str(sweep_dir),
+            group=group_name(sweep_dir),
+            command=command,
+            sweeper=sweeper,
+            launcher=launcher,
+            overrides=task,
+            params=_params(h.sweeper),
+            swept=keys,
+            objective=objective,
+            status="running",
+            started=_now(),
+            launcher_host=socket.gethostname(),
+            launcher_pid=os.getpid(),
+        )
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        data = load_index(sweep_dir)
+        failed = [k for k, e in data["runs"].items() if e.get("status") != "finished"]
+        SweepIndex(sweep_dir).set_header(status="failed" if failed else "finished", ended=_now())
+        print("\n" + format_index(load_index(sweep_dir)), flush=True)
+        print(f"sweep index: {sweep_dir / INDEX}\ncompare:     python -m sft_exp.compare {sweep_dir}", flush=True)
+
+    def _is_sweep_job(self, config: Any) -> bool:
+        from hydra.types import RunMode
+
+        return config.hydra.mode == RunMode.MULTIRUN and is_main_process()
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        if not self._is_sweep_job(config):
+            return
+        h = config.hydra
+        run_dir = Path(str(h.runtime.output_dir))
+        job = describe_job(h)
+        SweepIndex(h.sweep.dir).record_run(
+            run_dir,
+            job_num=job["job_num"],
+            name=job["name"],
+            swept=job["swept"],
+            overrides=job["overrides"],
+            status="running",
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            started=_now(),
+            ended=None,
+            error=None,
+        )
+
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        if not self._is_sweep_job(config):
+            return
+        from hydra.core.utils import JobStatus
+
+        h = config.hydra
+        run_dir = Path(str(h.runtime.output_dir))
+        objective = str(config.get("sweep", {}).get("objective", "all"))
+        fields: dict[str, Any] = {"ended": _now()}
+        if job_return.status == JobStatus.COMPLETED:
+            fields.update(status="finished", final=final_metrics(run_dir, objective))
+        else:
+            err = getattr(job_return, "_return_value", None)
+            fields.update(status="failed", error=f"{type(err).__name__}: {err}"[:2000])
+        SweepIndex(h.sweep.dir).record_run(run_dir, **fields)
+
+
+# ------------------------------------------------------------------------------------------------------ display
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def format_index(data: dict[str, Any]) -> str:
+    runs = sorted(data.get("runs", {}).values(), key=lambda e: (e.get("job_num") is None, e.get("job_num") or 0))
+    keys = list(data.get("swept") or [])
+    header = ["job", "status", *[short_key(k) for k in keys], "objective", "steps", "wall_s", "dir"]
+    rows = []
+    for e in runs:
+        final = e.get("final") or {}
+        swept = e.get("swept") or dict(parse_override(o) for o in e.get("overrides", []))
+        rows.append(
+            [
+                _fmt(e.get("job_num")),
+                e.get("status", "?"),
+                *[compact(_fmt(swept.get(k))) for k in keys],
+                _fmt(final.get("objective")),
+                _fmt(final.get("global_steps")),
+                _fmt(final.get("wall_seconds")),
+                e.get("dir", ""),
+            ]
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    lines = [
+        f"sweep {data.get('sweep_dir', '?')}: {len(runs)} runs, status {data.get('status', '?')}, "
+        f"objective eval_loss_after.{data.get('objective', 'all')}",
+        "  ".join(h.ljust(w) for h, w in zip(header, widths)),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sft_exp.sweep", description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the index from the run directories")
+    ap.add_argument("--json", action="store_true", help="print the index as JSON")
+    a = ap.parse_args(argv)
+    if not a.sweep_dir.is_dir():
+        print(
+            f"error: {a.sweep_dir} is not a directory (give a sweep directory, e.g. outputs/sweeps/<date>/<time>)",
+            file=sys.stderr,
+        )
+        return 2
+    data = rebuild(a.sweep_dir) if a.rebuild else load_index(a.sweep_dir)
+    if not data.get("runs"):
+        print(f"error: no runs found under {a.sweep_dir} (no {INDEX}, no run_info.json)", file=sys.stderr)
+        return 2
+    print(json.dumps(data, indent=2, default=str) if a.json else format_index(data))
+    return 0
+
+
+register_resolvers()
+
+if __name__ == "__main__":
+    raise SystemExit(main())
