@@ -63,6 +63,7 @@ class BadRows(str, Enum):
 class PackingStrategy(str, Enum):
     ffd = "ffd"  # ours: first-fit-decreasing over the whole training set at once
     bfd = "bfd"  # global best-fit-decreasing (TRL's name; ours runs over the whole set, not 1000-row chunks)
+    bfd_split = "bfd_split"  # bfd, with sequences longer than max_length split into pieces (overflow=split)
     wrapped = "wrapped"  # concatenate and cut every max_length tokens (sequences straddle rows)
     none = "none"  # one sequence per row
 
@@ -113,6 +114,17 @@ class WandbMode(str, Enum):
     disabled = "disabled"
 
 
+class PeftMethod(str, Enum):
+    none = "none"  # full fine-tuning: every weight trains (the recipe)
+    lora = "lora"  # low-rank adapters on a frozen base (peft.LoraConfig)
+    qlora = "qlora"  # LoRA on a 4-bit (bitsandbytes) base; CUDA GPUs only
+
+
+class QuantType(str, Enum):
+    nf4 = "nf4"
+    fp4 = "fp4"
+
+
 # ------------------------------------------------------------------------------------------------------ the groups
 @dataclass
 class ModelConfig:
@@ -149,6 +161,8 @@ class SourceConfig:
 
 @dataclass
 class MixtureConfig:
+    # New sources come from a mixture YAML (conf/mixture/*.yaml or --config-dir): OmegaConf 2.3 cannot add a new
+    # structured value to a typed dict from the command line (`+mixture.sources.x=...` fails).
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     weighting: Weighting = Weighting.fraction
     # The budget that weighting=proportion shares out: rows, or tokens that carry loss (assistant tokens).
@@ -265,6 +279,26 @@ class InspectConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (conf/peft/*.yaml), built into a peft.LoraConfig by sft_exp.peft_setup."""
+
+    method: PeftMethod = PeftMethod.none
+    r: int = 16  # LoRA rank
+    alpha: int = 32  # LoRA scaling numerator: the update is (alpha / r) * B @ A
+    dropout: float = 0.05
+    # null: a default per architecture (llama-like: q/k/v/o/gate/up/down projections; others: every linear layer
+    # but the LM head, i.e. [all-linear]). Or module-name suffixes, e.g. [q_proj, v_proj].
+    target_modules: list[str] | None = None
+    # Modules trained fully and saved beside the adapter, e.g. [embed_tokens] after adding tokens.
+    modules_to_save: list[str] | None = None
+    # Also write <run_dir>/merged/: the base with the adapter folded in, loadable with plain AutoModelForCausalLM.
+    merge: bool = False
+    quant_type: QuantType = QuantType.nf4  # qlora: the 4-bit data type
+    double_quant: bool = True  # qlora: quantise the quantisation constants too (~0.4 bit/parameter saved)
+    extra: dict[str, Any] = field(default_factory=dict)  # any other peft.LoraConfig field (use_rslora, use_dora, ...)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
@@ -286,6 +320,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
 
 # ------------------------------------------------------------------------------------------------------ validation
@@ -373,6 +408,7 @@ def validate(cfg: RunConfig) -> None:
             "Set distributed.nodes=1 distributed.processes_per_node=1",
         )
     validate_distributed_and_resume(cfg)
+    validate_peft(cfg)
 
 
 ZERO_STAGE = {DistStrategy.zero2: 2, DistStrategy.zero3: 3, DistStrategy.zero3_offload: 3}
@@ -414,6 +450,80 @@ def validate_distributed_and_resume(cfg: RunConfig) -> None:
             )
     elif not isinstance(r, bool):
         _fail("resume", f"must be true, false or a run directory, got {r!r}", "")
+
+
+# peft.* fields that only mean something for some methods: setting them for another method would be silently ignored.
+_LORA_FIELDS = ("r", "alpha", "dropout", "target_modules", "modules_to_save", "merge", "extra")
+_QUANT_FIELDS = ("quant_type", "double_quant")
+QLORA_NO_CUDA = (
+    "peft.method: qlora loads the base in 4 bits through bitsandbytes, which needs a CUDA GPU, and this machine has "
+    "none (torch.cuda.is_available() is False). Use peft=lora here, or run peft=qlora on a GPU machine"
+)
+
+
+def validate_peft(cfg: RunConfig) -> None:
+    """peft.*: values in range, nothing set that the method would ignore, qlora only where CUDA and bitsandbytes are."""
+    import importlib.util
+
+    p = cfg.peft
+    default = PeftConfig()
+    ignored = {PeftMethod.none: _LORA_FIELDS + _QUANT_FIELDS, PeftMethod.lora: _QUANT_FIELDS}.get(p.method, ())
+    for name in ignored:
+        if getattr(p, name) != getattr(default, name):
+            _fail(
+                f"peft.{name}",
+                f"is set but peft.method={p.method.value} does not use it",
+                "Choose peft=lora (or peft=qlora) to train adapters, or drop the override",
+            )
+    if p.method == PeftMethod.none:
+        return
+    if p.r < 1:
+        _fail("peft.r", f"must be >= 1, got {p.r}", "Typical ranks are 8-64, e.g. peft.r=16")
+    if p.alpha <= 0:
+        _fail("peft.alpha", f"must be > 0, got {p.alpha}", "A common choice is twice the rank, e.g. peft.alpha=32")
+    if not 0 <= p.dropout < 1 or math.isnan(p.dropout):
+        _fail("peft.dropout", f"must be in [0, 1), got {p.dropout}", "e.g. peft.dropout=0.05")
+    if p.target_modules is not None and not p.target_modules:
+        _fail("peft.target_modules", "is an empty list: no layer would get an adapter", "Use null for the default")
+    if p.target_modules and "lm_head" in p.target_modules:
+        _fail(
+            "peft.target_modules",
+            "contains lm_head: TRL computes the loss from lm_head.weight directly, so an adapter there never trains",
+            "Remove it; to train the LM head fully use peft.modules_to_save=[lm_head]",
+        )
+    if importlib.util.find_spec("peft") is None:
+        _fail("peft.method", f"is {p.method.value} but the peft package is not installed", "pip install peft")
+    if p.extra:
+        import dataclasses
+
+        from peft import LoraConfig
+
+        known = {f.name for f in dataclasses.fields(LoraConfig)}
+        ours = {"r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "task_type"}
+        for key in p.extra:
+            if key not in known:
+                _fail(f"peft.extra.{key}", "is not a field of peft.LoraConfig", "Check the name (e.g. use_rslora)")
+            if key in ours:
+                _fail(f"peft.extra.{key}", "is set by sft-exp from another key", "Use peft.r / alpha / dropout / ...")
+    if p.method == PeftMethod.qlora:
+        import torch  # only for qlora: the one check that needs it, and it must run before anything loads
+
+        if not torch.cuda.is_available():
+            raise ConfigError(QLORA_NO_CUDA)
+        if importlib.util.find_spec("bitsandbytes") is None:
+            _fail("peft.method", "is qlora but the bitsandbytes package is not installed", "pip install bitsandbytes")
+        if cfg.model.init == ModelInit.random:
+            _fail(
+                "peft.method",
+                "qlora quantises pretrained weights as they load, and model.init=random has none",
+                "Use a pretrained model (model.init=pretrained), or peft=lora",
+            )
+        if cfg.distributed.strategy in (DistStrategy.fsdp, DistStrategy.zero3, DistStrategy.zero3_offload):
+            _fail(
+                "peft.method",
+                f"qlora with distributed={cfg.distributed.strategy.value} (sharded 4-bit weights) is not supported",
+                "Use distributed=single or distributed=ddp (each GPU holds the 4-bit base), or peft=lora",
+            )
 
 
 # Environment variables whose values are secrets: a config value equal to one of them is refused (a key in a config
@@ -496,6 +606,9 @@ def register_configs() -> None:
 
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda rel: str(ASSETS / rel))
+    from sft_exp.sweep import register_resolvers  # ${run_dirname:...}: sweep run directory names
+
+    register_resolvers()
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 

@@ -44,9 +44,12 @@ def build_model(run: RunConfig, tokenizer: Any) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
+    from sft_exp.peft_setup import quantization_kwargs
+
     m = run.model
     dtype = getattr(torch, m.dtype.value)
-    common = {"dtype": dtype, "attn_implementation": m.attn_implementation.value}
+    common: dict[str, Any] = {"dtype": dtype, "attn_implementation": m.attn_implementation.value}
+    common.update(quantization_kwargs(run))  # peft=qlora: a 4-bit base on this rank's GPU; {} otherwise
     if m.init == ModelInit.random:
         config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
         set_seed(run.train.seed)
@@ -55,6 +58,12 @@ def build_model(run: RunConfig, tokenizer: Any) -> Any:
         model = AutoModelForCausalLM.from_pretrained(
             m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code, **common
         )
+    return align_with_tokenizer(model, tokenizer)
+
+
+def align_with_tokenizer(model: Any, tokenizer: Any) -> Any:
+    """Room for every token of the tokenizer, and its end-of-turn/pad ids in the model's configs (also used when the
+    base is reloaded to merge an adapter, so the merged model generates like the trained one)."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     # Generation stops at the end-of-turn token the template trains.

@@ -13,31 +13,66 @@ from sft_exp.rundir import cache_dir, load_frozen, write_json
 log = logging.getLogger("sft_exp")
 
 
-def prepare(run: RunConfig, run_dir: Path) -> tuple[Any, Any]:
-    """Tokenizer + prepared data; writes mixture_stats.json and prints the resolved mixture before any training."""
+def prepare(run: RunConfig, run_dir: Path, report: bool = True) -> tuple[Any, Any]:
+    """Tokenizer + prepared data; `report`: write mixture_stats.json and print the resolved mixture."""
     from sft_exp.data.pipeline import format_table, prepare_data
     from sft_exp.model import build_tokenizer
 
     tokenizer = build_tokenizer(run)
     data = prepare_data(run, tokenizer, cache_dir(run))
-    write_json(run_dir / "mixture_stats.json", data.stats)
-    print("\nresolved mixture\n" + format_table(data.stats) + "\n", flush=True)
+    if report:
+        write_json(run_dir / "mixture_stats.json", data.stats)
+        print("\nresolved mixture\n" + format_table(data.stats) + "\n", flush=True)
     return tokenizer, data
 
 
-def execute(run_dir: Path, started: float | None = None) -> dict[str, Any]:
-    """Run the stage the frozen config asks for; returns the metrics (or the mixture stats for mode=prepare)."""
+def execute(
+    run_dir: Path,
+    started: float | None = None,
+    *,
+    resume_from: Path | None = None,
+    prepared: tuple[Any, Any] | None = None,
+    report: bool | None = None,
+) -> dict[str, Any]:
+    """Run the stage the frozen config asks for; returns the metrics (or the mixture stats for mode=prepare).
+
+    Every rank runs this; only rank 0 writes into the run directory. The launcher prepares the data once before the
+    ranks start (each rank then reads the tokenised cache) and passes `report=False` to the ranks, or hands its own
+    `prepared` data in. `resume_from`: the checkpoint training continues from (sft_exp.launch decides it).
+    """
+    from sft_exp.distributed import is_main_process
+
     started = started or time.time()
     run = load_frozen(run_dir)
-    tokenizer, data = prepare(run, run_dir)
+    if run.mode == Mode.inspect:  # rows with their trained tokens highlighted; nothing is tokenised or trained
+        from sft_exp.inspect_view import run_inspect
+
+        return run_inspect(run, run_dir)
+    report = is_main_process() if report is None else report
+    tokenizer, data = prepared or prepare(run, run_dir, report=report)
+    from sft_exp import tracking
+
+    tracker = tracking.start(run, run_dir, data.stats)  # rank 0 only; a no-op for tracking=none
     if run.mode == Mode.prepare:
+        tracker.finish()
         return data.stats
 
     from sft_exp.model import build_model
-    from sft_exp.train import run_training
+    from sft_exp.train import build_sft_config, run_training
 
-    model = build_model(run, tokenizer)
-    metrics = run_training(run, model, tokenizer, data, run_dir)
+    try:
+        # The SFTConfig comes before the model: under ZeRO-3, transformers builds the model already partitioned
+        # (zero3 init) only while a DeepSpeed-enabled config exists.
+        args = build_sft_config(run, str(run_dir))
+        model = build_model(run, tokenizer)
+        metrics = run_training(
+            run, model, tokenizer, data, run_dir, tracker=tracker, args=args, resume_from=resume_from
+        )
+    except BaseException:
+        tracker.finish(exit_code=1)  # the tracked run ends as failed instead of hanging "running"
+        raise
     metrics["wall_seconds"] = round(time.time() - started, 2)
-    write_json(run_dir / "metrics.json", metrics)  # written last: its presence marks a finished run
+    if is_main_process():
+        write_json(run_dir / "metrics.json", metrics)  # written last: its presence marks a finished run
+    tracker.finish(metrics)
     return metrics

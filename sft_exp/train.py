@@ -12,8 +12,11 @@ answer weighs more than a short one. This is TRL/transformers' `num_items_in_bat
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
+from sft_exp import peft_setup
 from sft_exp.config import RunConfig, TrainConfig, check_sft_extra
 
 IGNORE = -100
@@ -83,13 +86,21 @@ EXPLICIT_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"} 
     "logging_first_step",
     "warmup_steps",
     "use_cpu",
+    # set from distributed.* (sft_exp.distributed.trainer_kwargs)
+    "ddp_backend",
+    "ddp_timeout",
+    "ddp_find_unused_parameters",
+    "deepspeed",
+    "fsdp",
+    "fsdp_config",
 }
 
 
 def build_sft_config(run: RunConfig, output_dir: str) -> Any:
     """RunConfig -> trl.SFTConfig, field by field."""
-    import torch
     from trl import SFTConfig
+
+    from sft_exp.distributed import trainer_kwargs
 
     t = run.train
     check_sft_extra(t.extra, {f.name for f in dataclasses.fields(SFTConfig)}, EXPLICIT_FIELDS)
@@ -113,7 +124,9 @@ def build_sft_config(run: RunConfig, output_dir: str) -> Any:
         gradient_checkpointing=t.gradient_checkpointing,
         save_strategy=t.save_strategy,
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        # sft_exp.checkpoints rotates instead (train.save_total_limit): the Trainer's rotation counts half-written
+        # checkpoints and runs before a checkpoint is marked complete.
+        save_total_limit=None,
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy=t.eval_strategy,
@@ -121,8 +134,8 @@ def build_sft_config(run: RunConfig, output_dir: str) -> Any:
         use_liger_kernel=t.use_liger_kernel,
         report_to=list(t.report_to),
         dataloader_num_workers=t.dataloader_num_workers,
-        # Say so explicitly on a machine without a GPU: TrainingArguments refuses bf16 otherwise.
-        use_cpu=not torch.cuda.is_available(),
+        # DDP / FSDP / DeepSpeed settings, and use_cpu on a machine without a GPU (sft_exp.distributed).
+        **trainer_kwargs(run),
         # The assistant mask is applied by our data stage (labels = -100 outside assistant spans); TRL's own
         # assistant_only_loss would re-tokenise conversations, which our pre-tokenised rows no longer are.
         assistant_only_loss=False,
@@ -149,9 +162,9 @@ def make_trainer_class() -> type:
             self.source_names = source_names
             self._src_sum = torch.zeros(len(source_names), dtype=torch.float64)
             self._src_cnt = torch.zeros(len(source_names), dtype=torch.float64)
+            self.trained_tokens_by_source = torch.zeros(len(source_names), dtype=torch.float64)  # whole run, this rank
             self._last_out: Any = None
             self._eval_prefix: str | None = None
-            self.trained_tokens = 0  # tokens that carried loss in training (this rank)
             base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             base.register_forward_hook(self._grab_output)
 
@@ -165,13 +178,13 @@ def make_trainer_class() -> type:
             out = self._last_out
             if self.model.training and source_ids is not None and getattr(out, "log_probs", None) is not None:
                 with torch.no_grad():
-                    self.trained_tokens += int(out.label_mask.sum())
                     src = source_ids[:, 1:].reshape(-1).to(out.log_probs.device)  # aligned with shifted labels
                     keep = out.label_mask.reshape(-1) & (src >= 0)
                     nll = -out.log_probs.detach().reshape(-1)[keep].double().cpu()
                     s = src[keep].cpu()
                     self._src_sum.index_add_(0, s, nll)
                     self._src_cnt.index_add_(0, s, torch.ones_like(nll))
+                    self.trained_tokens_by_source.index_add_(0, s, torch.ones_like(nll))
             return result
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):  # noqa: ANN001
@@ -182,7 +195,8 @@ def make_trainer_class() -> type:
                 self._eval_prefix = None
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if self.model.training and "loss" in logs and self._src_cnt.sum() > 0:
+            # Every rank logs (only rank 0 writes), so every rank joins this reduce: no rank-dependent condition.
+            if self.model.training and "loss" in logs:
                 sums = self.accelerator.reduce(self._src_sum.to(self.accelerator.device), reduction="sum").cpu()
                 cnts = self.accelerator.reduce(self._src_cnt.to(self.accelerator.device), reduction="sum").cpu()
                 for i, name in enumerate(self.source_names):
@@ -225,9 +239,30 @@ def _train_losses(history: list[dict[str, Any]], names: list[str], which: int) -
     return out
 
 
-def run_training(run: RunConfig, model: Any, tokenizer: Any, data: Any, run_dir: Any) -> dict[str, Any]:
-    """Train with SFTTrainer, evaluate every source before and after, save model + tokenizer + state."""
-    args = build_sft_config(run, str(run_dir))
+def run_training(
+    run: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    data: Any,
+    run_dir: Any,
+    tracker: Any = None,
+    args: Any = None,
+    resume_from: Any = None,
+) -> dict[str, Any]:
+    """Train with SFTTrainer, evaluate every source before and after, save model + tokenizer + state.
+
+    `resume_from`: a complete checkpoint of this run to continue from (same data order, optimizer, scheduler and RNG
+    states). Raises sft_exp.checkpoints.Interrupted when a stop signal ended training (a checkpoint was saved).
+    """
+    from sft_exp.checkpoints import Interrupted, make_callbacks
+    from sft_exp.distributed import is_main_process
+    from sft_exp.rundir import write_json
+    from sft_exp.tracking import make_callback, peak_tflops
+
+    args = args or build_sft_config(run, str(run_dir))
+    # peft=lora|qlora: a LoraConfig TRL wraps the model with (None: full fine-tuning); see sft_exp.peft_setup.
+    adapter = peft_setup.setup(run, model, tokenizer, run_dir)
+    ckpt_callbacks, stopper = make_callbacks(run.train.save_total_limit)
     padding_free = run.packing.enabled and run.packing.strategy.value != "none"
     trainer = make_trainer_class()(
         model=model,
@@ -236,16 +271,37 @@ def run_training(run: RunConfig, model: Any, tokenizer: Any, data: Any, run_dir:
         train_dataset=data.train,
         eval_dataset=data.eval or None,
         processing_class=tokenizer,
+        peft_config=adapter.config,
         source_names=data.source_names,
+        # tracking=wandb|tensorboard: logs forwarded with tokens/s and MFU (sft_exp.tracking); none adds nothing.
+        callbacks=ckpt_callbacks
+        + (
+            [make_callback(tracker, peak_tflops(run.tracking.peak_tflops))]
+            if tracker is not None and tracker.backend != "none"
+            else []
+        ),
     )
+    parameters = adapter.attach(trainer)  # prints trainable / total parameters
     has_eval = bool(data.eval)
-    before = _eval_losses(trainer, data.eval_trained_tokens) if has_eval and run.eval_before_train else {}
-    result = trainer.train()
+    before_file = Path(run_dir) / "eval_loss_before.json"  # kept so that a resumed run still reports it
+    if resume_from is not None:
+        before = json.loads(before_file.read_text()) if before_file.exists() else {}
+    else:
+        before = _eval_losses(trainer, data.eval_trained_tokens) if has_eval and run.eval_before_train else {}
+        if before and is_main_process():
+            write_json(before_file, before)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    if stopper.stopped:
+        ckpt = Path(run_dir) / f"checkpoint-{stopper.step}"
+        raise Interrupted(stopper.stopped, stopper.step, ckpt if ckpt.is_dir() else None)
     after = _eval_losses(trainer, data.eval_trained_tokens) if has_eval else {}
     trainer.save_model(str(run_dir))
     trainer.save_state()
+    peft_info = adapter.finish(trainer, tokenizer)  # peft.merge=true: <run_dir>/merged/
 
     history = trainer.state.log_history
+    acc = trainer.accelerator  # counted per rank; summed over ranks here
+    by_source = acc.reduce(trainer.trained_tokens_by_source.to(acc.device), reduction="sum").cpu()
     runtime = float(result.metrics.get("train_runtime", 0.0)) or 1e-9
     seen = int(getattr(trainer, "_total_train_tokens", 0))
     return {
@@ -258,6 +314,15 @@ def run_training(run: RunConfig, model: Any, tokenizer: Any, data: Any, run_dir:
         "train_runtime_seconds": round(runtime, 2),
         "train_tokens_seen": seen,
         "train_tokens_per_second": round(seen / runtime, 1),
-        "trained_tokens": int(trainer.trained_tokens),
+        "trained_tokens": int(by_source.sum()),
+        "trained_tokens_per_source": {n: int(v) for n, v in zip(data.source_names, by_source.tolist())},
         "packing_efficiency": data.stats["packing"]["efficiency"],
+        # After a resume, train_loss_mean and the token counts cover the resumed steps only (the Trainer's own
+        # accounting); the loss history in trainer_state.json is complete.
+        "resumed_from": Path(resume_from).name if resume_from is not None else None,
+        "world_size": int(args.world_size),
+        # Weights of eval "all" (trained tokens of each eval set), so compare can rebuild it at every eval step.
+        "eval_trained_tokens": {k: int(v) for k, v in data.eval_trained_tokens.items()},
+        **parameters,
+        **peft_info,
     }

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from sft_exp.config import ConfigError, RunConfig, to_run_config, validate
 from tests.conftest import CONF, compose, launch
 
-GROUPS = ["model", "template", "mixture", "packing", "distributed", "train", "tracking", "sweep", "peft"]
+GROUPS = ["model", "template", "mixture", "packing", "distributed", "launcher", "train", "tracking", "sweep", "peft"]
 
 
 def choices(group: str) -> list[str]:

@@ -1,0 +1,58 @@
+"""How a run's processes start, and where they write: the layer between Hydra (launch.py) and sft_exp.run.
+
+    launch.py (Hydra composed once) -> start(run, HydraJob.current(), freeze)
+        under submitit (a Slurm task)  -> slurm.run_task: rank/world from submitit.JobEnvironment, joins directly
+        otherwise                      -> local.run_local: in-process (one process), or N ranks spawned here
+
+Every path first settles the run directory (sft_exp.launch.resume.open_run_dir): a new one is frozen once; with
+`resume=` (or when Slurm requeued this very job) the existing one is reused and training continues from its last
+complete checkpoint. Ranks never compose a config: they read run_config.yaml from that directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sft_exp.config import RunConfig
+
+
+@dataclass
+class HydraJob:
+    """What the launcher needs from Hydra about the job being run."""
+
+    output_dir: Path  # the directory Hydra made for this job (the run directory of a new run)
+    overrides: list[str]  # the job's task overrides (the command line, or one point of a sweep)
+    dir_pattern: str  # hydra.run.dir (or sweep dir/subdir) before interpolation: where resume=true looks
+    multirun: bool
+
+    @classmethod
+    def current(cls) -> HydraJob:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        from omegaconf import OmegaConf
+
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        raw = OmegaConf.to_container(hc, resolve=False)
+        assert isinstance(raw, dict)
+        pattern = f"{raw['sweep']['dir']}/{raw['sweep']['subdir']}" if multirun else str(raw["run"]["dir"])
+        return cls(Path(hc.runtime.output_dir), list(hc.overrides.task), pattern, multirun)
+
+
+def under_submitit() -> bool:
+    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+
+
+def start(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started: float) -> dict[str, Any]:
+    """Run `run` where it belongs; returns its metrics (rank 0's view). `freeze` writes a new run directory."""
+    if under_submitit():
+        from sft_exp.launch.slurm import run_task
+
+        return run_task(run, job, freeze, started)
+    from sft_exp.launch.local import run_local
+
+    return run_local(run, job, freeze, started)

@@ -1,0 +1,74 @@
+"""Runs on this machine: one process in-process, or N ranks spawned here (sft_exp.launch.multiprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sft_exp.checkpoints import Interrupted
+from sft_exp.config import ConfigError, DistStrategy, Mode, RunConfig
+from sft_exp.launch import HydraJob
+from sft_exp.launch.resume import open_run_dir
+
+
+def resume_hint(run_dir: Path, job: HydraJob) -> str:
+    cmd = " ".join(o for o in job.overrides if not o.startswith("resume="))
+    return f"continue it with: python launch.py {cmd} resume={run_dir}".replace("  ", " ")
+
+
+def run_local(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started: float) -> dict[str, Any]:
+    from sft_exp.distributed import check_devices
+
+    d = run.distributed
+    if d.nodes > 1:
+        raise ConfigError(
+            f"distributed.nodes: {d.nodes} nodes need Slurm. Add launcher=slurm (or -m hydra/launcher=submitit_slurm), "
+            "or set distributed.nodes=1"
+        )
+    n = d.processes_per_node
+    ranks = n if run.mode == Mode.train else 1  # prepare / inspect never need more than one process
+    check_devices(run, ranks)  # before the run directory exists: a refused run leaves nothing behind
+    run_dir, resume_from = open_run_dir(run, job, freeze)
+    print(f"run directory: {run_dir}", flush=True)
+    try:
+        if ranks == 1:
+            return _in_process(run, run_dir, resume_from, started)
+        from sft_exp.launch.multiprocess import spawn_ranks
+        from sft_exp.run import prepare
+        from sft_exp.rundir import load_frozen
+
+        prepare(load_frozen(run_dir), run_dir)  # once, here: the ranks then read the tokenised cache
+        spawn_ranks(run, run_dir, ranks, resume_from)
+        return json.loads((run_dir / "metrics.json").read_text())
+    except Interrupted as e:
+        print(f"[sft-exp] {e}; {resume_hint(run_dir, job)}", flush=True)
+        raise SystemExit(e.exit_code) from None
+
+
+def _in_process(run: RunConfig, run_dir: Path, resume_from: Path | None, started: float) -> dict[str, Any]:
+    from sft_exp.distributed import RANK_ENV, destroy_process_group, init_process_group
+    from sft_exp.run import execute
+
+    saved = {k: os.environ.get(k) for k in RANK_ENV}
+    if run.mode == Mode.train and run.distributed.strategy not in (DistStrategy.single, DistStrategy.ddp):
+        # FSDP and DeepSpeed need a process group even for one process.
+        from sft_exp.launch.multiprocess import free_port
+
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(run.distributed.master_port or free_port()),
+        )  # fmt: skip
+        init_process_group(run)
+    try:
+        return execute(run_dir, started, resume_from=resume_from)
+    finally:
+        destroy_process_group()
+        # The next job of a local sweep runs in this process: it must not inherit this one's rank environment.
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,155 @@
+"""Several processes for real on this CPU: 2-rank DDP (gloo), DeepSpeed ZeRO-3 against it, and what is refused.
+
+`python launch.py distributed=ddp` composes once, freezes one run directory and spawns the ranks, which read the frozen
+config from it; only rank 0 writes. FSDP on a CPU (the Trainer would silently run DDP) and more processes than
+devices are refused before a run directory exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sft_exp.checkpoints import is_complete, last_complete_checkpoint
+from sft_exp.distributed import cpu_cores
+from tests.conftest import PY, REPO, launch
+
+# ------------------------------------------------------------------------------------------------ shared runs
+
+
+def tiny_weights(shared_cache: Path) -> Path:
+    """A saved random-init tiny model: ZeRO-3 builds a random-init model partitioned (other random numbers than a
+    whole model), so runs compared across strategies start from the same saved weights."""
+    folder = shared_cache.parent / "tiny_weights"
+    if not (folder / "model.safetensors").exists():
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
+
+        from sft_exp.config import ASSETS
+
+        set_seed(0)
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ASSETS / "tiny_smollm3")).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(ASSETS / "tiny_smollm3").save_pretrained(folder)
+    return folder
+
+
+def dist_args(shared_cache: Path, run_dir: str) -> list[str]:
+    """A short 2-rank run: 8 optimizer steps of 2 ranks x 2 micro-batches of one 256-token packed row."""
+    return [
+        f"hydra.run.dir={run_dir}",
+        f"cache_dir={shared_cache}",
+        f"model.name_or_path={tiny_weights(shared_cache)}",
+        "model.init=pretrained",
+        "distributed.processes_per_node=2",
+        "train.max_steps=8",
+        "train.logging_steps=1",
+        "train.save_strategy=steps",
+        "train.save_steps=2",
+        "mixture.test_split_size=4",
+        "packing.max_length=256",
+        "eval_before_train=false",
+    ]
+
+
+def ddp_reference(shared_cache: Path) -> Path:
+    """An uninterrupted 2-rank DDP run, made once per test session (tests/test_slurm_train.py compares with it too)."""
+    run_dir = shared_cache.parent / "ddp_reference"
+    if not (run_dir / "metrics.json").exists():
+        r = launch([*dist_args(shared_cache, str(run_dir)), "distributed=ddp"], cwd=shared_cache.parent)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return run_dir
+
+
+def losses(state_file: Path) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in json.loads(state_file.read_text())["log_history"] if "loss" in h}
+
+
+# ------------------------------------------------------------------------------------------------ refused
+
+
+@pytest.mark.slow  # a `python launch.py` process each (torch is imported to count devices)
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["distributed=fsdp"], "fsdp needs CUDA GPUs"),
+        (["distributed=ddp", f"distributed.processes_per_node={cpu_cores() + 1}"], "CPU cores and no GPU"),
+        (["distributed=ddp", "distributed.nodes=2"], "nodes need Slurm"),
+        (["distributed=ddp", "distributed.backend=nccl"], "nccl needs CUDA GPUs"),
+        (["distributed.strategy=zero3"], "distributed.deepspeed.zero_optimization.stage"),
+    ],
+    ids=["fsdp-on-cpu", "more-processes-than-devices", "nodes-without-slurm", "nccl-on-cpu", "zero3-without-config"],
+)
+def test_what_would_run_wrongly_is_refused_before_anything_runs(
+    overrides: list[str], needle: str, tmp_path: Path
+) -> None:
+    if "cuda" in needle or "GPU" in needle:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+    r = launch([f"hydra.run.dir={tmp_path}/run", *overrides], cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run" / "run_config.yaml").exists()
+
+
+# ------------------------------------------------------------------------------------------------ real ranks
+
+
+@pytest.mark.slow
+def test_ddp_runs_two_real_ranks_into_one_run_directory(shared_cache: Path) -> None:
+    run_dir = ddp_reference(shared_cache)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["global_steps"] == 8
+    # one RNG state per rank: two processes trained; the other files once, from rank 0
+    ckpt = run_dir / "checkpoint-8"
+    assert is_complete(ckpt)
+    assert sorted(p.name for p in ckpt.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    attempts = json.loads((run_dir / "attempts.json").read_text())
+    assert [a["world_size"] for a in attempts] == [2]
+    assert sorted(losses(run_dir / "trainer_state.json")) == list(range(1, 9))
+    assert (run_dir / "mixture_stats.json").exists() and (run_dir / "model.safetensors").exists()
+    assert not list(run_dir.parent.glob("ddp_reference?*"))  # one run directory, not one per rank
+
+
+@pytest.mark.slow
+def test_zero3_trains_like_ddp_and_sigusr1_stops_every_rank_with_a_checkpoint(
+    tmp_path: Path, shared_cache: Path
+) -> None:
+    pytest.importorskip("deepspeed")
+    want = losses(ddp_reference(shared_cache) / "trainer_state.json")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [PY, str(REPO / "launch.py"), *dist_args(shared_cache, str(run_dir)), "distributed=zero3"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    out = []
+    for line in proc.stdout:  # the first DeepSpeed run on a machine JIT-builds its shm op first (~1 minute)
+        out.append(line)
+        if "'loss':" in line:  # training has started: interrupt the launcher, which forwards to both ranks
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest, _ = proc.communicate(timeout=600)
+    text = "".join(out) + rest
+    assert proc.returncode == 128 + signal.SIGUSR1, text[-4000:]
+    assert "interrupted by SIGUSR1" in text and "resume=" in text
+    ckpt = last_complete_checkpoint(run_dir)
+    assert ckpt is not None and not (run_dir / "metrics.json").exists()
+    step = int(ckpt.name.split("-")[1])
+    assert step < 8
+    assert (ckpt / f"global_step{step}").is_dir()  # a DeepSpeed checkpoint: ZeRO-3 really ran, sharded per rank
+    assert len(list((ckpt / f"global_step{step}").glob("*optim_states.pt"))) == 2
+    got = losses(ckpt / "trainer_state.json")
+    assert sorted(got) == list(range(1, step + 1))
+    for s, loss in got.items():
+        assert abs(loss - want[s]) <= 1e-5, (s, loss, want[s])

@@ -1,0 +1,207 @@
+"""Never lose a run: complete-checkpoint markers, resume=true / resume=<dir>, stop signals that save first.
+
+The slow test kills a real run (SIGKILL, then SIGTERM) and resumes it until it finishes; the loss history must equal
+an uninterrupted run's (CPU training here is deterministic: equal to the last bit, checked within 1e-6). SIGUSR1 is
+checked in tests/test_distributed.py (forwarded to the ranks), a Slurm requeue in tests/test_slurm_train.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from sft_exp.checkpoints import MARKER, is_complete, last_complete_checkpoint, mark_complete, prune_incomplete, rotate
+from sft_exp.config import ConfigError, validate
+from sft_exp.launch import HydraJob
+from sft_exp.launch.resume import config_differences, find_latest_run
+from sft_exp.rundir import FROZEN, freeze
+from tests.conftest import PY, REPO, compose, launch
+
+# ------------------------------------------------------------------------------------------------ checkpoint files
+
+
+def _fake_checkpoint(run_dir: Path, step: int, complete: bool = True) -> Path:
+    ckpt = run_dir / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"w" * 100)
+    (ckpt / "trainer_state.json").write_text("{}")
+    if complete:
+        mark_complete(ckpt, step)
+    return ckpt
+
+
+def test_only_marked_checkpoints_with_intact_files_count(tmp_path: Path) -> None:
+    _fake_checkpoint(tmp_path, 2)
+    c4 = _fake_checkpoint(tmp_path, 4)
+    _fake_checkpoint(tmp_path, 6, complete=False)  # a crash during its save: files, no marker
+    assert last_complete_checkpoint(tmp_path) == c4
+    (c4 / "model.safetensors").write_bytes(b"w" * 10)  # torn after marking (disk trouble): no longer complete
+    assert not is_complete(c4)
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    removed = prune_incomplete(tmp_path)
+    assert sorted(p.name for p in removed) == ["checkpoint-4", "checkpoint-6"]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-2"]
+
+
+def test_rotation_keeps_the_newest_complete_ones(tmp_path: Path) -> None:
+    for s in (2, 4, 6):
+        _fake_checkpoint(tmp_path, s)
+    _fake_checkpoint(tmp_path, 5, complete=False)
+    _fake_checkpoint(tmp_path, 8, complete=False)  # newer than the last complete one: may still be being written
+    rotate(tmp_path, keep_last=1, protect=str(tmp_path / "checkpoint-2"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6", "checkpoint-8"]
+    assert (tmp_path / "checkpoint-6" / MARKER).exists()
+
+
+# ------------------------------------------------------------------------------------------------ finding the run
+
+
+def _fake_run(root: Path, name: str, overrides: list[str], finished: bool = False) -> Path:
+    run_dir = root / name
+    freeze(_run(overrides), run_dir, overrides)
+    if finished:
+        (run_dir / "metrics.json").write_text("{}")
+    return run_dir
+
+
+def _run(overrides: list[str]):  # type: ignore[no-untyped-def]
+    from sft_exp.config import to_run_config
+
+    return to_run_config(compose(overrides))
+
+
+def test_resume_true_finds_the_latest_run_of_the_same_overrides(tmp_path: Path) -> None:
+    a = _fake_run(tmp_path, "d1/10-00-00", ["train.max_steps=5"])
+    time.sleep(0.02)
+    _fake_run(tmp_path, "d1/10-00-01", ["train.max_steps=7"])
+    time.sleep(0.02)
+    b = _fake_run(tmp_path, "d2/09-00-00", ["train.max_steps=5", "launcher=local"])  # launcher: not part of a run
+    pattern = f"{tmp_path}/${{now:%Y-%m-%d}}/${{now:%H-%M-%S}}"
+    job = HydraJob(tmp_path / "new", ["train.max_steps=5", "resume=true"], pattern, multirun=False)
+    assert find_latest_run(job) == b
+    os.utime(a / FROZEN, (time.time() + 10, time.time() + 10))
+    assert find_latest_run(job) == a
+    with pytest.raises(ConfigError, match="no run directory"):
+        find_latest_run(HydraJob(tmp_path / "new", ["train.max_steps=9"], pattern, multirun=False))
+
+
+def test_a_resumed_command_must_compose_the_frozen_config() -> None:
+    frozen = _run(["train.max_steps=5"])
+    assert config_differences(frozen, _run(["train.max_steps=5", "resume=true", "launcher=slurm"])) == []
+    diffs = config_differences(frozen, _run(["train.max_steps=6"]))
+    assert diffs == ["train.max_steps: 5 in the run, 6 now"]
+
+
+def test_resume_must_name_a_run_directory(tmp_path: Path) -> None:
+    for bad in (str(tmp_path), "yes"):
+        with pytest.raises(ConfigError, match="resume"):
+            validate(_run([f"resume={bad}"]))
+
+
+@pytest.mark.slow  # a `python launch.py` process
+def test_a_finished_run_is_not_resumed(tmp_path: Path) -> None:
+    _fake_run(tmp_path, "run", ["train.max_steps=5"], finished=True)
+    r = launch([f"hydra.run.dir={tmp_path}/run", "train.max_steps=5", "resume=true"], cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "has finished" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ real runs, killed
+
+
+def _args(cache: Path, run_dir: str) -> list[str]:
+    return [
+        f"hydra.run.dir={run_dir}",
+        f"cache_dir={cache}",
+        "train.max_steps=8",
+        "train.logging_steps=1",
+        "train.save_strategy=steps",
+        "train.save_steps=2",
+        "mixture.test_split_size=4",
+        "packing.max_length=256",
+        "eval_before_train=false",
+    ]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [PY, str(REPO / "launch.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _kill_after_checkpoint(proc: subprocess.Popen, runs: Path, step: int, sig: int, timeout: float = 300) -> str:
+    """Send `sig` once checkpoint-<step> of the (only) run under `runs` is complete; returns the process output."""
+    deadline = time.monotonic() + timeout
+    while not any(is_complete(c) for c in runs.glob(f"**/checkpoint-{step}")):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=300)
+    return out
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path: Path, shared_cache: Path) -> None:
+    ref = launch(_args(shared_cache, f"{tmp_path}/ref"), cwd=tmp_path)
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
+    want = _losses(tmp_path / "ref")
+    assert sorted(want) == list(range(1, 9))
+
+    runs = tmp_path / "runs"
+    args = _args(shared_cache, f"{runs}/${{now:%H-%M-%S-%f}}")
+    # 1. SIGKILL after checkpoint-2: nothing can be saved; the last complete checkpoint is what is left.
+    proc = _start(args, tmp_path)
+    _kill_after_checkpoint(proc, runs, 2, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    (run_dir,) = [p.parent for p in runs.glob(f"*/{FROZEN}")]
+    assert not (run_dir / "metrics.json").exists()
+    # A save torn by the crash (files without the marker) must not be picked up.
+    last = last_complete_checkpoint(run_dir)
+    assert last is not None
+    torn = run_dir / f"checkpoint-{int(last.name.split('-')[1]) + 2}"
+    if not torn.exists():
+        torn.mkdir()
+        (torn / "model.safetensors").write_bytes((last / "model.safetensors").read_bytes()[:100])
+
+    # 2. resume=<dir>, then SIGTERM: the ranks save a checkpoint at the end of the step and exit 128 + 15.
+    proc = _start([*args, f"resume={run_dir}"], tmp_path)
+    out = _kill_after_checkpoint(proc, runs, 4, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert f"removed {torn.name}" in out and f"resuming {run_dir} from {last.name}" in out
+    assert "interrupted by SIGTERM" in out and "resume=" in out
+    stopped_at = last_complete_checkpoint(run_dir)
+    assert stopped_at is not None and not (run_dir / "metrics.json").exists()
+
+    # 3. resume=true (the same command) finishes it, in the same directory.
+    r = launch([*args, "resume=true"], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert f"resuming {run_dir} from {stopped_at.name}" in r.stdout
+    assert [p.parent for p in runs.glob(f"*/{FROZEN}")] == [run_dir]
+    assert sorted(p.name for p in runs.iterdir()) == [run_dir.name]  # Hydra's fresh folders were not left behind
+    got = _losses(run_dir)
+    assert sorted(got) == sorted(want)
+    for step, loss in want.items():
+        assert abs(got[step] - loss) <= 1e-6, (step, got[step], loss)
+    m, m_ref = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, tmp_path / "ref"))
+    assert m["resumed_from"] == stopped_at.name and m["global_steps"] == 8
+    for k, v in m_ref["eval_loss_after"].items():
+        assert abs(m["eval_loss_after"][k] - v) <= 1e-6, k
+    attempts = json.loads((run_dir / "attempts.json").read_text())
+    assert [a["resumed_from"] for a in attempts] == [None, last.name, stopped_at.name]
