@@ -35,6 +35,11 @@ CASES = {
         ["train.eval_strategy=steps", "train.eval_steps=5", "mixture.test_split_size=0"],
         "nothing to evaluate on",
     ),
+    "more processes than devices": (
+        ["distributed=ddp", "distributed.processes_per_node=64"],
+        "distributed.processes_per_node: 64 processes on this node but it has",
+    ),
+    "fsdp where the Trainer would silently run DDP": (["distributed=fsdp"], "fsdp needs CUDA GPUs"),
     "attention that would cross packed sequences": (
         ["model.attn_implementation=paged_attention"],
         "expected one of [sdpa, eager, flex_attention, flash_attention_2",
