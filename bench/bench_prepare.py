@@ -82,6 +82,7 @@ def trl_prepare(max_length: int) -> dict:
     from sft_exp.config import ASSETS
 
     datasets.disable_progress_bars()
+    datasets.disable_caching()  # or a second bench run times a cache hit of datasets' own map cache
     tok = AutoTokenizer.from_pretrained(ASSETS / "tiny_smollm3")
     ds = datasets.concatenate_datasets(
         [

@@ -59,3 +59,18 @@ def fast_args(tmp_path: Path, shared_cache: Path) -> list[str]:
         "mixture.test_split_size=8",
         "packing.max_length=512",
     ]
+
+
+def checkpointed_run_args(cache: Path, run_dir: str | Path) -> list[str]:
+    """A short run that checkpoints every 2 of its 8 steps (resume, requeue and multi-rank tests)."""
+    return [
+        f"hydra.run.dir={run_dir}",
+        f"cache_dir={cache}",
+        "train.max_steps=8",
+        "train.logging_steps=1",
+        "train.save_strategy=steps",
+        "train.save_steps=2",
+        "mixture.test_split_size=4",
+        "packing.max_length=256",
+        "eval_before_train=false",
+    ]

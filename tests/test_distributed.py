@@ -17,7 +17,7 @@ import pytest
 
 from sft_exp.checkpoints import is_complete, last_complete_checkpoint
 from sft_exp.distributed import cpu_cores
-from tests.conftest import PY, REPO, launch
+from tests.conftest import PY, REPO, checkpointed_run_args, launch
 
 # ------------------------------------------------------------------------------------------------ shared runs
 
@@ -40,18 +40,10 @@ def tiny_weights(shared_cache: Path) -> Path:
 def dist_args(shared_cache: Path, run_dir: str) -> list[str]:
     """A short 2-rank run: 8 optimizer steps of 2 ranks x 2 micro-batches of one 256-token packed row."""
     return [
-        f"hydra.run.dir={run_dir}",
-        f"cache_dir={shared_cache}",
+        *checkpointed_run_args(shared_cache, run_dir),
         f"model.name_or_path={tiny_weights(shared_cache)}",
         "model.init=pretrained",
         "distributed.processes_per_node=2",
-        "train.max_steps=8",
-        "train.logging_steps=1",
-        "train.save_strategy=steps",
-        "train.save_steps=2",
-        "mixture.test_split_size=4",
-        "packing.max_length=256",
-        "eval_before_train=false",
     ]
 
 

@@ -21,7 +21,7 @@ from sft_exp.config import ConfigError, validate
 from sft_exp.launch import HydraJob
 from sft_exp.launch.resume import config_differences, find_latest_run
 from sft_exp.rundir import FROZEN, freeze
-from tests.conftest import PY, REPO, compose, launch
+from tests.conftest import PY, REPO, checkpointed_run_args, compose, launch
 
 # ------------------------------------------------------------------------------------------------ checkpoint files
 
@@ -114,20 +114,6 @@ def test_a_finished_run_is_not_resumed(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ real runs, killed
 
 
-def _args(cache: Path, run_dir: str) -> list[str]:
-    return [
-        f"hydra.run.dir={run_dir}",
-        f"cache_dir={cache}",
-        "train.max_steps=8",
-        "train.logging_steps=1",
-        "train.save_strategy=steps",
-        "train.save_steps=2",
-        "mixture.test_split_size=4",
-        "packing.max_length=256",
-        "eval_before_train=false",
-    ]
-
-
 def _losses(run_dir: Path) -> dict[int, float]:
     state = json.loads((run_dir / "trainer_state.json").read_text())
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
@@ -159,13 +145,13 @@ def _kill_after_checkpoint(proc: subprocess.Popen, runs: Path, step: int, sig: i
 
 @pytest.mark.slow
 def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path: Path, shared_cache: Path) -> None:
-    ref = launch(_args(shared_cache, f"{tmp_path}/ref"), cwd=tmp_path)
+    ref = launch(checkpointed_run_args(shared_cache, f"{tmp_path}/ref"), cwd=tmp_path)
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
     want = _losses(tmp_path / "ref")
     assert sorted(want) == list(range(1, 9))
 
     runs = tmp_path / "runs"
-    args = _args(shared_cache, f"{runs}/${{now:%H-%M-%S-%f}}")
+    args = checkpointed_run_args(shared_cache, f"{runs}/${{now:%H-%M-%S-%f}}")
     # 1. SIGKILL after checkpoint-2: nothing can be saved; the last complete checkpoint is what is left.
     proc = _start(args, tmp_path)
     _kill_after_checkpoint(proc, runs, 2, signal.SIGKILL)
