@@ -276,21 +276,20 @@ def _pack(
     piece_src = seq_src[plan.seq_index]
     # One output allocation per column; rows are copied chunk by chunk from each source's memory-mapped cache.
     out_ids, out_masks = np.empty(plan.tokens, np.int32), np.empty(plan.tokens, np.int8)
-    dst = np.concatenate(([0], np.cumsum(plan.length)[:-1])).astype(np.int64)
+    token_offsets = np.concatenate(([0], np.cumsum(plan.length))).astype(np.int64)  # where each piece starts
     local_rows = np.concatenate(selections)[plan.seq_index] if len(plan.seq_index) else plan.seq_index
     for s_i, src in enumerate(sources):
         p = np.flatnonzero(piece_src == s_i)
-        src.gather(local_rows[p], plan.start[p], plan.length[p], (out_ids, out_masks), dst[p])
-    row_offsets = np.concatenate(([0], np.cumsum(plan.length)))[plan.row_offsets]
-    rows = {"input_ids": out_ids, "assistant_masks": out_masks, "row_offsets": row_offsets}
+        src.gather(local_rows[p], plan.start[p], plan.length[p], (out_ids, out_masks), token_offsets[p])
+    row_offsets = token_offsets[plan.row_offsets]
 
     def list_col(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
         return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
 
     table = pa.table(
         {
-            "input_ids": list_col(rows["input_ids"], rows["row_offsets"]),
-            "assistant_masks": list_col(rows["assistant_masks"], rows["row_offsets"]),
+            "input_ids": list_col(out_ids, row_offsets),
+            "assistant_masks": list_col(out_masks, row_offsets),
             "seq_lengths": list_col(plan.length.astype(np.int32), plan.row_offsets),
             "seq_sources": list_col(piece_src.astype(np.int16), plan.row_offsets),
         }
