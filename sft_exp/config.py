@@ -48,6 +48,7 @@ class AttnImpl(str, Enum):
     flash_attention_2 = "flash_attention_2"
     flash_attention_3 = "flash_attention_3"
     flash_attention_4 = "flash_attention_4"
+    varlen = "varlen"  # PyTorch's own FlashAttention varlen kernel (sft_exp/attention.py); CUDA, no flash-attn needed
 
 
 class Weighting(str, Enum):

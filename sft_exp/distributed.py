@@ -13,7 +13,8 @@ import os
 from datetime import timedelta
 from typing import Any
 
-from sft_exp.config import ConfigError, DistBackend, DistStrategy, RunConfig
+from sft_exp.attention import check_attention
+from sft_exp.config import ConfigError, DistBackend, DistStrategy, Mode, RunConfig
 
 RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -49,7 +50,8 @@ def cpu_cores() -> int:
 
 def check_devices(run: RunConfig, processes_here: int) -> None:
     """Refuse what would otherwise run wrongly or silently differently: FSDP or nccl without GPUs (the Trainer would
-    fall back to plain DDP), DeepSpeed not installed, more processes on this node than devices."""
+    fall back to plain DDP), DeepSpeed not installed, attention kernels or liger that cannot run here, more processes on
+    this node than devices."""
     import torch
 
     d = run.distributed
@@ -66,6 +68,8 @@ def check_devices(run: RunConfig, processes_here: int) -> None:
             f"distributed.strategy: {d.strategy.value} needs DeepSpeed, which is not installed. "
             "pip install deepspeed (or 'sft-exp[gpu]')"
         )
+    if run.mode == Mode.train:  # prepare / inspect load no model
+        check_attention(run.model.attn_implementation.value, run.train.use_liger_kernel, cuda)
     devices, what = (torch.cuda.device_count(), "GPUs") if cuda else (cpu_cores(), "CPU cores and no GPU")
     if processes_here > devices:
         raise ConfigError(

@@ -44,8 +44,10 @@ def build_model(run: RunConfig, tokenizer: Any) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
+    from sft_exp.attention import register
     from sft_exp.peft_setup import quantization_kwargs
 
+    register()  # attn_implementation=varlen
     m = run.model
     dtype = getattr(torch, m.dtype.value)
     common: dict[str, Any] = {"dtype": dtype, "attn_implementation": m.attn_implementation.value}

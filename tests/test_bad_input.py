@@ -44,6 +44,11 @@ CASES = {
         ["model.attn_implementation=paged_attention"],
         "expected one of [sdpa, eager, flex_attention, flash_attention_2",
     ),
+    "attention kernel that cannot run here": (
+        ["model.attn_implementation=flash_attention_2"],
+        "model.attn_implementation: flash_attention_2 cannot run",
+    ),
+    "liger where it cannot run": (["train.use_liger_kernel=true"], "train.use_liger_kernel: "),
     "run dir holds a finished run": (["@FINISHED"], "already holds a finished run"),
 }
 

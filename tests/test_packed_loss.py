@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sft_exp.config import ASSETS
+from sft_exp.attention import check_attention, cu_seqlens_from_position_ids, register
+from sft_exp.config import ASSETS, ConfigError
 from sft_exp.train import IGNORE, PackedCollator
 
 
@@ -92,16 +93,35 @@ def test_without_position_ids_the_packed_row_would_leak() -> None:
     assert abs(float(isolated) - float(leaky)) > 1e-3
 
 
+def test_varlen_boundaries_from_position_ids() -> None:
+    """attn_implementation=varlen cuts the packed row where position_ids restart (a leading continuation counts)."""
+    cu, longest = cu_seqlens_from_position_ids(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]))
+    assert cu.tolist() == [0, 3, 5, 9] and cu.dtype == torch.int32 and longest == 4
+    cu, longest = cu_seqlens_from_position_ids(torch.tensor([5, 6, 0, 1]))
+    assert cu.tolist() == [0, 2, 4] and longest == 2
+
+
+def test_varlen_refused_on_a_cpu() -> None:
+    with pytest.raises(ConfigError, match="varlen is a CUDA kernel"):
+        check_attention("varlen", use_liger_kernel=False, cuda=False)
+
+
 @pytest.mark.gpu
-def test_flash_attention_varlen_matches_separate_losses() -> None:
+@pytest.mark.parametrize("impl", ["varlen", "flash_attention_2"])
+def test_flash_attention_varlen_matches_separate_losses(impl: str) -> None:
+    """Packed bf16 loss with a varlen kernel = the same loss with sdpa's block-diagonal mask (same row, same GPU)."""
     if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU with flash-attention")
-    pytest.importorskip("flash_attn")
-    model = _tiny_model("flash_attention_2").to("cuda", torch.bfloat16)
+        pytest.skip("needs a CUDA GPU")
+    if impl == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    register()
+    model = _tiny_model(impl).to("cuda", torch.bfloat16)
     seqs = _sequences()
     packed = {k: v.cuda() for k, v in PackedCollator(pad_token_id=6)([_row(seqs)]).items() if k != "source_ids"}
     with torch.no_grad():
         loss = model(**packed, use_cache=False).loss
-        sdpa = _tiny_model("sdpa").to("cuda", torch.bfloat16)
-        ref = sdpa(**packed, use_cache=False).loss
+        model.config._attn_implementation = "sdpa"
+        ref = model(**packed, use_cache=False).loss
+        leaky = model(input_ids=packed["input_ids"], labels=packed["labels"], use_cache=False).loss
     assert abs(float(loss) - float(ref)) < 2e-2
+    assert abs(float(leaky) - float(ref)) > 5e-2  # the check can fail: without boundaries the loss differs

@@ -1,0 +1,155 @@
+"""`model.attn_implementation=varlen`: FlashAttention varlen through the kernel PyTorch itself ships, no flash-attn.
+
+Why: packed rows need attention that stops at every sequence boundary. `flash_attention_2` does this with the
+flash-attn package, which has no wheels on PyPI (a source build takes an hour and must match the torch/CUDA pair), and
+`sdpa` does it with a dense (rows, 1, L, L) boolean mask, which at L=64k is 4 GiB per row and runs the slower
+memory-efficient kernel over every masked block. PyTorch (>= 2.9) bundles the FlashAttention-2 varlen kernel as
+`torch.nn.attention.varlen.varlen_attn`: this module registers it with transformers' AttentionInterface under the
+name ``varlen``, so any model with `_supports_attention_backend` (Llama, SmolLM3, Qwen, Mistral, ...) runs it.
+
+The sequence boundaries come from `position_ids` (the packed collator restarts them at 0 for every sequence), as
+transformers does for flash_attention_2: cu_seqlens = indices where position_ids == 0, plus the total. They are
+computed once per forward (the same position_ids tensor reaches every layer) and cached on that tensor.
+CUDA only (the kernel has no CPU implementation): `check_attention` refuses it on a CPU before anything is written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import weakref
+from typing import Any
+
+NAME = "varlen"
+
+_boundaries: dict[str, Any] = {"ref": None, "value": None}
+
+
+def available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def cu_seqlens_from_position_ids(position_ids: Any) -> tuple[Any, int]:
+    """(cu_seqlens int32 [n+1], longest sequence) of the sequences laid end to end in `position_ids` ([1, L] or [L]).
+
+    A sequence starts wherever position_ids is 0 (and at index 0, whatever its value, as a continuation).
+    """
+    import torch
+
+    pos = position_ids.reshape(-1)
+    total = pos.numel()
+    starts = torch.nonzero(pos == 0, as_tuple=False).reshape(-1)
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    cu = torch.cat([starts, starts.new_full((1,), total)]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return cu, longest
+
+
+def _cached_boundaries(position_ids: Any) -> tuple[Any, int]:
+    ref = _boundaries["ref"]
+    if ref is not None and ref() is position_ids:
+        return _boundaries["value"]
+    value = cu_seqlens_from_position_ids(position_ids)
+    _boundaries["ref"], _boundaries["value"] = weakref.ref(position_ids), value
+    return value
+
+
+def varlen_attention_forward(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
+    """transformers attention function: q/k/v [batch, heads, L, head_dim] -> ([batch, L, heads, head_dim], None)."""
+    import torch
+    from torch.nn.attention.varlen import varlen_attn
+
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        raise ValueError(
+            "attn_implementation=varlen takes packed rows without padding (position_ids restarting per sequence); "
+            "this batch has a padding mask. Use packing (packing.enabled=true) or attn_implementation=sdpa"
+        )
+    if dropout:
+        raise ValueError("attn_implementation=varlen has no attention dropout; set the model's attention_dropout=0")
+    batch, heads, length, head_dim = query.shape
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:  # one plain sequence per row
+        position_ids = torch.arange(length, device=query.device).repeat(batch)
+    cu, longest = _cached_boundaries(position_ids)
+    q = query.transpose(1, 2).reshape(batch * length, heads, head_dim)
+    k = key.transpose(1, 2).reshape(batch * length, key.shape[1], head_dim)
+    v = value.transpose(1, 2).reshape(batch * length, value.shape[1], head_dim)
+    params = inspect.signature(varlen_attn).parameters
+    extra: dict[str, Any] = {}
+    if key.shape[1] != heads:  # grouped-query attention
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:  # older torch: expand the kv heads
+            k = k.repeat_interleave(heads // key.shape[1], dim=1)
+            v = v.repeat_interleave(heads // value.shape[1], dim=1)
+    if sliding_window:
+        raise ValueError("attn_implementation=varlen: sliding-window layers are not supported; use flash_attention_2")
+    if "is_causal" in params:
+        extra["is_causal"] = True
+    else:
+        extra["window_size"] = (-1, 0)  # torch >= 2.10 spells causal as the window (-1, 0)
+    if "scale" in params:
+        extra["scale"] = scaling
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
+    return out.reshape(batch, length, heads, head_dim), None
+
+
+def register() -> None:
+    """Make `attn_implementation="varlen"` known to transformers (idempotent; a no-op where torch lacks the kernel)."""
+    if not available():
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    # No 4D mask: like flash attention, the kernel takes the boundaries, not a mask.
+    AttentionMaskInterface.register(NAME, flash_attention_mask)
+
+
+def check_attention(attn_implementation: str, use_liger_kernel: bool, cuda: bool) -> None:
+    """Refuse, before anything is written, attention kernels and liger where they cannot run."""
+    from sft_exp.config import ConfigError
+
+    if attn_implementation == NAME:
+        if not available():
+            raise ConfigError(
+                "model.attn_implementation: varlen needs torch >= 2.9 (torch.nn.attention.varlen). "
+                "Upgrade torch or use model.attn_implementation=sdpa"
+            )
+        if not cuda:
+            raise ConfigError(
+                "model.attn_implementation: varlen is a CUDA kernel and this machine has no GPU. "
+                "Use model.attn_implementation=sdpa on CPUs"
+            )
+    if attn_implementation.startswith("flash_attention"):
+        package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(
+            attn_implementation, "flash_attn"
+        )
+        if not cuda or importlib.util.find_spec(package) is None:
+            where = "this machine has no GPU" if not cuda else f"the '{package}' package is not installed"
+            raise ConfigError(
+                f"model.attn_implementation: {attn_implementation} cannot run: {where}. Use "
+                "model.attn_implementation=varlen (PyTorch's own FlashAttention varlen kernel, CUDA) or sdpa (any "
+                "device), or pip install flash-attn"
+            )
+    if use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError(
+            "train.use_liger_kernel: true but liger-kernel is not installed. pip install 'sft-exp[gpu]' (or "
+            "liger-kernel), or set train.use_liger_kernel=false"
+        )
+    if use_liger_kernel and not cuda:
+        raise ConfigError(
+            "train.use_liger_kernel: liger's kernels are Triton GPU kernels and this machine has no GPU. "
+            "Set train.use_liger_kernel=false"
+        )
