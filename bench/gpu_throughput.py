@@ -9,7 +9,10 @@ every sequence, as sft-exp's collator builds them), for every combination asked 
   * row length: 8k, 16k, 64k tokens;
   * attention: `varlen` (the FlashAttention-2 varlen kernel PyTorch ships, sft_exp/attention.py), `flash_attention_2`
     (when the flash-attn package is installed), `sdpa` (transformers' block-diagonal dense mask for packed rows);
-  * liger kernels off / on (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy: no [tokens x 128k] logits);
+  * kernels and LM head (`--kernels`): `hf` (plain transformers: [tokens x 128k] logits, then cross-entropy), `trl`
+    (TRL's chunked fused LM head: per-token log-probs without the full logits; what sft-exp trains with, since
+    TRL 1.16 patches it in), `liger_trl` (liger's RMSNorm/SwiGLU/RoPE kernels + TRL's fused head: sft-exp with
+    train.use_liger_kernel=true), `liger` (liger's kernels + its fused linear cross-entropy: plain TRL-less liger);
   * gradient checkpointing on / off.
 The rows are filled first-fit-decreasing from sequence lengths drawn like the SmolLM3 SFT mixture (bench/data: each
 SmolTalk2 split's rows x recipe weight, lognormal around its mean length; longer ones are cut at the row length).
@@ -145,12 +148,33 @@ def kib(n: int) -> str:
 class Case:
     length: int
     attn: str
-    liger: bool
+    head: str  # hf | trl | liger_trl | liger
     gc: bool
 
     @property
     def label(self) -> str:
-        return f"{kib(self.length)} {self.attn} liger={'on' if self.liger else 'off'} gc={'on' if self.gc else 'off'}"
+        return f"{kib(self.length)} {self.attn} {self.head} gc={'on' if self.gc else 'off'}"
+
+
+def patch(model: Any, head: str, done: set[str]) -> None:
+    """Patch the model for `head`, in the order of HEADS (each patch stays: liger cannot be undone)."""
+    if "trl" in head and "trl" not in done:  # a wrapper: used only when called with fused_lm_head=True
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what SFTTrainer asks for
+        done.add("trl")
+    if "liger" in head and "liger_layers" not in done:
+        from liger_kernel.transformers import apply_liger_kernel_to_smollm3
+
+        apply_liger_kernel_to_smollm3(model=model, fused_linear_cross_entropy=False)
+        done.add("liger_layers")
+    if head == "liger" and "liger_flce" not in done:  # replaces model.forward: the TRL head is gone from here on
+        from liger_kernel.transformers import apply_liger_kernel_to_smollm3
+
+        apply_liger_kernel_to_smollm3(
+            model=model, rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=True
+        )
+        done.add("liger_flce")
 
 
 def run_case(model: Any, case: Case, rows: list[dict[str, Any]], seqs: list[list[int]], args: Any) -> dict[str, Any]:
@@ -170,8 +194,10 @@ def run_case(model: Any, case: Case, rows: list[dict[str, Any]], seqs: list[list
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
+    fused = {"fused_lm_head": True} if "trl" in case.head else {}
+
     def step(i: int) -> float:
-        out = model(**rows[i % len(rows)], use_cache=False)
+        out = model(**rows[i % len(rows)], use_cache=False, **fused)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -210,15 +236,18 @@ def run_case(model: Any, case: Case, rows: list[dict[str, Any]], seqs: list[list
     }
 
 
-def cases(args: Any, attns: list[str], liger_modes: list[bool]) -> list[Case]:
+HEADS = ("hf", "trl", "liger_trl", "liger")  # the order they run in: liger patches the model in place, for good
+
+
+def cases(args: Any, attns: list[str], heads: list[str]) -> list[Case]:
     out = []
-    for liger in liger_modes:  # liger patches the model in place, so every liger-off case runs first
+    for head in sorted(heads, key=HEADS.index):
         for length in args.lengths:
             for attn in attns:
-                if attn == "sdpa" and length > args.sdpa_max_length:
+                if attn == "sdpa" and (length > args.sdpa_max_length or head not in ("hf", "trl")):
                     continue  # dense [L x L] mask: at 64k about 50x the varlen step, minutes per step
-                gcs = [True, False] if length <= args.no_gc_max_length and attn != "sdpa" else [True]
-                out.extend(Case(length, attn, liger, gc) for gc in gcs)
+                no_gc = length <= args.no_gc_max_length and attn != "sdpa" and head in ("hf", "liger_trl")
+                out.extend(Case(length, attn, head, gc) for gc in ([True, False] if no_gc else [True]))
     return out
 
 
@@ -226,12 +255,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 16384, 65536])
     ap.add_argument("--attn", default="varlen,flash_attention_2,sdpa", help="comma list; missing kernels skipped")
-    ap.add_argument("--liger", default="off,on", help="off,on | off | on")
+    ap.add_argument("--kernels", default=",".join(HEADS), help=f"comma list of {', '.join(HEADS)}")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per case")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--slow-step-s", type=float, default=20.0, help="time only one step when warm-up took longer")
     ap.add_argument("--sdpa-max-length", type=int, default=16384, help="skip sdpa above this row length")
-    ap.add_argument("--no-gc-max-length", type=int, default=16384, help="also run without checkpointing up to here")
+    ap.add_argument("--no-gc-max-length", type=int, default=8192, help="also run without checkpointing up to here")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip the remaining cases after this long")
     ap.add_argument("--tiny", action="store_true", help="a 4-layer model (smoke check of the code path)")
     ap.add_argument("--device", default="cuda")
@@ -258,10 +287,15 @@ def main() -> None:
             print("skip attn=flash_attention_2: the flash-attn package is not installed")
         else:
             attns.append(a)
-    liger_modes = [m == "on" for m in args.liger.split(",")]
-    if True in liger_modes and (not cuda or importlib.util.find_spec("liger_kernel") is None):
-        print("skip liger=on: liger-kernel is not installed" if cuda else "skip liger=on: no CUDA")
-        liger_modes = [m for m in liger_modes if not m]
+    heads = [h for h in args.kernels.split(",") if h]
+    if unknown := set(heads) - set(HEADS):
+        sys.exit(f"error: --kernels: unknown {sorted(unknown)}; use a comma list of {', '.join(HEADS)}")
+    if any("liger" in h for h in heads) and (not cuda or importlib.util.find_spec("liger_kernel") is None):
+        print("skip liger kernels: " + ("liger-kernel is not installed" if cuda else "no CUDA"))
+        heads = [h for h in heads if "liger" not in h]
+    if any("trl" in h for h in heads) and importlib.util.find_spec("trl") is None:
+        print("skip TRL's fused LM head: trl is not installed")
+        heads = [h for h in heads if "trl" not in h]
 
     cfg = model_config(args.tiny)
     torch.manual_seed(0)
@@ -286,27 +320,23 @@ def main() -> None:
         print(f"rows of {n}: {np.mean([len(r) for r in rs]):.0f} sequences per row, {fill:.2%} filled", flush=True)
 
     print(
-        "\n| row | attention | liger | grad ckpt | non-pad tok/s | step s | TFLOP/s | MFU (datasheet) |"
+        "\n| row | attention | kernels / LM head | grad ckpt | non-pad tok/s | step s | TFLOP/s | MFU (datasheet) |"
         " MFU (measured matmul) | peak GiB |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    liger_applied = False
+    patched: set[str] = set()
     results: list[tuple[Case, dict[str, Any]]] = []
-    for case in cases(args, attns, liger_modes):
+    for case in cases(args, attns, heads):
         if time.perf_counter() - started > args.budget_s:
             print(
-                f"| {kib(case.length)} | {case.attn} | {'on' if case.liger else 'off'} | "
+                f"| {kib(case.length)} | {case.attn} | {case.head} | "
                 f"{'on' if case.gc else 'off'} | skipped: --budget-s {args.budget_s:.0f} reached | | | | | |"
             )
             continue
-        if case.liger and not liger_applied:
-            from liger_kernel.transformers import apply_liger_kernel_to_smollm3
-
-            apply_liger_kernel_to_smollm3(model=model)
-            liger_applied = True
+        patch(model, case.head, patched)
         r = run_case(model, case, tensors[case.length], rows[case.length], args)
         results.append((case, r))
-        cells = [f"{kib(case.length)}", case.attn, "on" if case.liger else "off", "on" if case.gc else "off"]
+        cells = [kib(case.length), case.attn, case.head, "on" if case.gc else "off"]
         if "error" in r:
             cells += [r["error"], "", "", "", "", ""]
         else:
