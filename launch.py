@@ -48,7 +48,7 @@ def freeze_run_dir(run: RunConfig) -> Path:
     return run_dir
 
 
-def fail(msg: str) -> None:
+def fail(msg: str, code: int = 2) -> None:
     print(f"error: {msg}", file=sys.stderr)
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -56,7 +56,7 @@ def fail(msg: str) -> None:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         # In a sweep, one bad combination fails its own job (recorded in the sweep index); the others still run.
         raise RuntimeError(msg)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -66,6 +66,7 @@ def main(cfg: DictConfig) -> float | None:
         run = compose_and_validate(cfg)
     except ConfigError as e:
         fail(str(e))
+    from sft_exp.checkpoints import SaveFailed
     from sft_exp.launch import HydraJob, start
 
     try:
@@ -78,8 +79,17 @@ def main(cfg: DictConfig) -> float | None:
         if isinstance(e, (ConfigError, DataError, FileNotFoundError)) or str(e).startswith("template"):
             fail(str(e))
         raise
+    except SaveFailed as e:  # disk full, permissions, ...: what, where, the fix, and how to continue; exit 74
+        close_progress_bars()  # closed at exit otherwise: their last line would come after the error
+        fail(str(e), e.exit_code)
     after = metrics.get("eval_loss_after", {}) if isinstance(metrics, dict) else {}
     return after.get(run.sweep.objective)  # the sweeper's objective: overall or one source's eval loss
+
+
+def close_progress_bars() -> None:
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def refuse_existing_run_dir(argv: list[str]) -> None:

@@ -10,16 +10,26 @@ exists (it could delete the last complete checkpoint and keep a broken one).
 SIGTERM and SIGUSR1 (and, under Slurm, the pre-timeout signal) only set a flag; at the next optimizer-step boundary
 the ranks agree on it (one tiny all-reduce), save a checkpoint together and stop. `run_training` then raises
 `Interrupted`, and the process exits with 128 + the signal number, not looking finished.
+
+A save that fails (disk full, quota, permission denied, read-only filesystem, ...) raises `SaveFailed` naming what
+was being saved, where, the error (errno), the fix, and the last complete checkpoint `resume=<run dir>` continues
+from; the process exits with SAVE_FAILED_EXIT. The half-written checkpoint gets no marker, rotation never runs
+for it, and nothing already in the run directory is deleted. torch.save and safetensors report a full disk as
+RuntimeError / SafetensorError rather than OSError: those are recognised too (`save_guard`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import signal
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +110,127 @@ def rotate(run_dir: Path, keep_last: int | None, protect: str | None = None) -> 
         doomed += complete[:-keep_last]
     for p in doomed:
         if protect is None or Path(protect).resolve() != p.resolve():
-            shutil.rmtree(p, ignore_errors=True)
+            try:
+                shutil.rmtree(p)
+            except OSError as e:  # an older checkpoint stays; training goes on, but nobody is left wondering why
+                print(f"[sft-exp] warning: could not delete {p.name} (save_total_limit): {e}", file=sys.stderr)
 
 
 def _step(p: Path) -> int:
     return int(p.name.rsplit("-", 1)[1])
+
+
+# ----------------------------------------------------------------------------------------------- a save that fails
+SAVE_FAILED_EXIT = 74  # sysexits' EX_IOERR: the storage needs fixing, not the config (2) or the code (1)
+
+_FIX = {
+    errno.ENOSPC: "free space on that filesystem",
+    errno.EDQUOT: "free space within your disk quota (or raise it)",
+    errno.EACCES: "make the run directory and its files writable by this user",
+    errno.EPERM: "make the run directory and its files writable by this user",
+    errno.EROFS: "remount that filesystem read-write (or move the run directory to a writable one)",
+    errno.EFBIG: "raise the file size limit (ulimit -f) or use a filesystem that allows larger files",
+    errno.EIO: "check the disk and the filesystem (dmesg); the storage reported an I/O error",
+}
+# How torch.save (its C++ zip writer) and safetensors report a failed write: not as OSError, and torch without errno.
+_WRITE_ERROR_TEXT = re.compile(
+    r"unexpected pos \d+ vs \d+|file write failed|PytorchStreamWriter failed|open file failed|I/O error|os error \d+",
+    re.I,
+)
+_ERRNO_IN_TEXT = re.compile(r"os error (\d+)|errno[ =:]*(\d+)", re.I)
+_LOW_SPACE = 16 << 20  # bytes: after a failed write with less than this left, a full disk is the likely cause
+
+
+class SaveFailed(Exception):
+    """Writing `what` (checkpoint-N save, final model save, metrics.json write, ...) into the run directory failed.
+
+    `error` is the underlying exception (kept as __cause__ too); `code` its errno when known (for torch/safetensors
+    errors: read from the message or, failing that, diagnosed from the filesystem). `command` is the command that
+    continues the run (the launcher fills it in; without it the message says to add resume=<run dir>)."""
+
+    exit_code = SAVE_FAILED_EXIT
+
+    def __init__(self, what: str, path: Path, run_dir: Path, code: int | None, error: BaseException | str) -> None:
+        self.what, self.path, self.run_dir, self.code, self.error = what, Path(path), Path(run_dir), code, error
+        self.last_complete = last_complete_checkpoint(self.run_dir)
+        self.command: str | None = None
+        super().__init__(what, str(path), code)
+
+    def __str__(self) -> str:
+        from sft_exp.rundir import FROZEN
+
+        if self.code:
+            reason = f"{os.strerror(self.code)} ({errno.errorcode.get(self.code, self.code)})"
+            if not isinstance(self.error, OSError):  # torch / safetensors: what they said, too
+                reason = f"{reason[:-1]}; {_short(self.error, 120)})"
+            fix = _FIX.get(self.code, "fix the storage problem")
+        else:
+            reason = self.error if isinstance(self.error, str) else f"a write failed ({_short(self.error)})"
+            fix = "fix the storage problem (free space? permissions? quota?)"
+        lines = [f"{self.what} failed: {reason}: {self.path}"]
+        half = next((q for q in (self.path, *self.path.parents) if _CKPT.match(q.name)), None)
+        if half is not None and half.is_dir() and not is_complete(half):
+            fix += f"; {half.name} is incomplete (never marked complete: resume removes it)"
+        lines.append(f"fix: {fix}")
+        if not (self.run_dir / FROZEN).is_file():
+            lines.append("then run the command again (nothing was trained yet)")
+        else:
+            frm = (
+                f"from {self.last_complete.name}, its last complete checkpoint"
+                if self.last_complete
+                else "from the start, in the same directory (no complete checkpoint yet)"
+            )
+            how = self.command or f"the same command with resume={self.run_dir}"
+            lines.append(f"then continue the run {frm}: {how}")
+        return "\n  ".join(lines)
+
+
+def _short(error: BaseException | str, limit: int = 200) -> str:
+    text = " ".join(str(error).split()) if not isinstance(error, str) else error
+    text = f"{type(error).__name__}: {text}" if isinstance(error, BaseException) else text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _diagnose(path: Path) -> int | None:
+    """The likely errno behind a write failure that came without one: a full, read-only or unwritable filesystem."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    if st.f_bavail * st.f_frsize < _LOW_SPACE or (st.f_files and st.f_favail == 0):
+        return errno.ENOSPC
+    if not os.access(p if p.is_dir() else p.parent, os.W_OK):
+        return errno.EACCES
+    return None
+
+
+def _storage_errno(e: BaseException, path: Path) -> int | None:
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    m = _ERRNO_IN_TEXT.search(str(e))
+    if m:
+        return int(m.group(1) or m.group(2))
+    return _diagnose(path)
+
+
+@contextmanager
+def save_guard(what: str, path: Path, run_dir: Path) -> Iterator[None]:
+    """Turn a failed write inside the block into SaveFailed(what, ...). Other errors (bugs) keep their traceback."""
+    try:
+        yield
+    except SaveFailed:
+        raise
+    except Exception as e:
+        code = _storage_errno(e, path)
+        if not isinstance(e, OSError) and code is None and not _WRITE_ERROR_TEXT.search(str(e)):
+            raise
+        where = Path(e.filename) if isinstance(e, OSError) and isinstance(e.filename, (str, os.PathLike)) else path
+        raise SaveFailed(what, where, run_dir, code, e) from e
 
 
 # ----------------------------------------------------------------------------------------------- stop on a signal
@@ -183,7 +309,10 @@ def make_callbacks(save_total_limit: int | None) -> tuple[list[Any], Any]:
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             _barrier()  # every rank's shards, optimizer state and RNG state are on disk
             if state.is_world_process_zero:
-                mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                with save_guard(f"{ckpt.name} save", ckpt, Path(args.output_dir)):
+                    mark_complete(ckpt, state.global_step)
+                # Only after a complete save: a failed one raised above, so it never makes rotation drop anything.
                 rotate(Path(args.output_dir), save_total_limit, state.best_model_checkpoint)
 
     class StopOnSignal(TrainerCallback):

@@ -69,7 +69,10 @@ def execute(
             run, model, tokenizer, data, run_dir, tracker=tracker, args=args, resume_from=resume_from
         )
     except BaseException:
-        tracker.finish(exit_code=1)  # the tracked run ends as failed instead of hanging "running"
+        try:
+            tracker.finish(exit_code=1)  # the tracked run ends as failed instead of hanging "running"
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk again: the error that stopped the run is the one raised
+            log.warning("the tracker could not finish: %s", e)
         raise
     metrics["wall_seconds"] = round(time.time() - started, 2)
     if is_main_process():

@@ -6,6 +6,7 @@ tasks, a requeued job) reads that file and never composes again. Only rank 0 wri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -35,10 +36,18 @@ def git_sha() -> str | None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write then rename, so a reader (or a crash) never sees half a file."""
+    """Write then rename, so a reader (or a crash) never sees half a file. A failed write (disk full, permissions)
+    raises sft_exp.checkpoints.SaveFailed naming the file; `path` keeps its previous content."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        from sft_exp.checkpoints import SaveFailed
+
+        with contextlib.suppress(OSError):  # only our own half-written temporary file
+            tmp.unlink(missing_ok=True)
+        raise SaveFailed(f"{path.name} write", path, path.parent, e.errno, e) from e
 
 
 def check_fresh(run_dir: Path) -> None:

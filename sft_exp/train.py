@@ -165,11 +165,22 @@ def make_trainer_class() -> type:
             self.trained_tokens_by_source = torch.zeros(len(source_names), dtype=torch.float64)  # whole run, this rank
             self._last_out: Any = None
             self._eval_prefix: str | None = None
+            # Run once by train() as soon as the training model exists, before the first step (see run_training).
+            self.on_training_model_ready: Any = None
             base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             base.register_forward_hook(self._grab_output)
 
         def _grab_output(self, module: Any, args: Any, output: Any) -> None:
             self._last_out = output
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            # A failed write (disk full, permissions, ...) stops the run with SaveFailed; the folder gets no marker.
+            from sft_exp.checkpoints import save_guard
+
+            out = Path(self._get_output_dir(trial=trial))
+            ckpt = out / f"checkpoint-{self.state.global_step}"
+            with save_guard(f"{ckpt.name} save", ckpt, out):
+                super()._save_checkpoint(model, trial)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
             source_ids = inputs.pop("source_ids", None)
@@ -186,6 +197,15 @@ def make_trainer_class() -> type:
                     self._src_cnt.index_add_(0, s, torch.ones_like(nll))
                     self.trained_tokens_by_source.index_add_(0, s, torch.ones_like(nll))
             return result
+
+        def _prepare_for_training(self, *args: Any, **kwargs: Any) -> Any:
+            # transformers 5: wraps the model (DeepSpeed engine, DDP), creates optimizer and scheduler, loads a
+            # checkpoint; on_train_begin and the train_runtime clock come after it.
+            prepared = super()._prepare_for_training(*args, **kwargs)
+            hook, self.on_training_model_ready = self.on_training_model_ready, None
+            if hook is not None:
+                hook()
+            return prepared
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):  # noqa: ANN001
             self._eval_prefix = metric_key_prefix
@@ -226,6 +246,39 @@ def _eval_losses(trainer: Any, trained_tokens: dict[str, int]) -> dict[str, floa
     return {k: round(v, 6) for k, v in losses.items()}
 
 
+def _eval_when_training_model_ready(trainer: Any, evaluate: Any) -> None:
+    """Under DeepSpeed, run the pre-training eval inside train(), on the training engine, before the first step.
+
+    trainer.evaluate() before train() cannot work under DeepSpeed (transformers 5.24): without an engine,
+    evaluation_loop calls deepspeed_init(inference=True), which refuses ZeRO-1/2 ("ZeRO inference only makes sense
+    with ZeRO Stage 3") and under ZeRO-3 builds an inference engine without optimizer (deleting the optimizer and
+    scheduler sections of the DeepSpeed config on the way) and leaves it in trainer.model_wrapped / trainer.deepspeed.
+    train() then frees the accelerator's engines but still finds model_wrapped wrapped, so it skips
+    accelerator.prepare(model, optimizer): no training engine is made, and the first backward fails with
+    "'NoneType' object has no attribute 'backward'" (accelerator.deepspeed_engine_wrapped is None).
+
+    Here the eval runs once the Trainer has built the training engine (the same forward every mid-training eval
+    uses), before on_train_begin and the train_runtime clock, so runtime and tokens/s cover training only. Its log row
+    is logged as before (callbacks, trackers at step 0) and then dropped from the training state, as the state reset
+    at the start of train() drops it for single/DDP: trainer_state.json stays the same across strategies.
+    """
+    from transformers import Trainer
+
+    if not callable(getattr(Trainer, "_prepare_for_training", None)):
+        raise RuntimeError(
+            "eval_before_train under DeepSpeed needs transformers' Trainer._prepare_for_training, which this "
+            "transformers version does not have. Use eval_before_train=false, or a transformers version "
+            "compatible with constraints-cpu.txt"
+        )
+
+    def run() -> None:
+        rows = len(trainer.state.log_history)
+        evaluate()
+        del trainer.state.log_history[rows:]
+
+    trainer.on_training_model_ready = run
+
+
 def _train_losses(history: list[dict[str, Any]], names: list[str], which: int) -> dict[str, float]:
     rows = [h for h in history if "loss" in h and "eval_loss" not in h]
     if not rows:
@@ -254,7 +307,7 @@ def run_training(
     `resume_from`: a complete checkpoint of this run to continue from (same data order, optimizer, scheduler and RNG
     states). Raises sft_exp.checkpoints.Interrupted when a stop signal ended training (a checkpoint was saved).
     """
-    from sft_exp.checkpoints import Interrupted, make_callbacks
+    from sft_exp.checkpoints import Interrupted, make_callbacks, save_guard
     from sft_exp.distributed import is_main_process
     from sft_exp.rundir import write_json
     from sft_exp.tracking import make_callback, peak_tflops
@@ -284,20 +337,29 @@ def run_training(
     parameters = adapter.attach(trainer)  # prints trainable / total parameters
     has_eval = bool(data.eval)
     before_file = Path(run_dir) / "eval_loss_before.json"  # kept so that a resumed run still reports it
-    if resume_from is not None:
-        before = json.loads(before_file.read_text()) if before_file.exists() else {}
-    else:
-        before = _eval_losses(trainer, data.eval_trained_tokens) if has_eval and run.eval_before_train else {}
+    before: dict[str, float] = {}
+
+    def eval_before() -> None:
+        before.update(_eval_losses(trainer, data.eval_trained_tokens))
         if before and is_main_process():
             write_json(before_file, before)
+
+    if resume_from is not None:
+        before.update(json.loads(before_file.read_text()) if before_file.exists() else {})
+    elif has_eval and run.eval_before_train:
+        if trainer.is_deepspeed_enabled:
+            _eval_when_training_model_ready(trainer, eval_before)
+        else:
+            eval_before()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     if stopper.stopped:
         ckpt = Path(run_dir) / f"checkpoint-{stopper.step}"
         raise Interrupted(stopper.stopped, stopper.step, ckpt if ckpt.is_dir() else None)
     after = _eval_losses(trainer, data.eval_trained_tokens) if has_eval else {}
-    trainer.save_model(str(run_dir))
-    trainer.save_state()
-    peft_info = adapter.finish(trainer, tokenizer)  # peft.merge=true: <run_dir>/merged/
+    with save_guard("final model save", Path(run_dir), Path(run_dir)):  # a failed write: SaveFailed, no metrics.json
+        trainer.save_model(str(run_dir))
+        trainer.save_state()
+        peft_info = adapter.finish(trainer, tokenizer)  # peft.merge=true: <run_dir>/merged/
 
     history = trainer.state.log_history
     acc = trainer.accelerator  # counted per rank; summed over ranks here

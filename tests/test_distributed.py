@@ -38,9 +38,10 @@ def tiny_weights(shared_cache: Path) -> Path:
 
 
 def dist_args(shared_cache: Path, run_dir: str) -> list[str]:
-    """A short 2-rank run: 8 optimizer steps of 2 ranks x 2 micro-batches of one 256-token packed row."""
+    """A short 2-rank run: 8 optimizer steps of 2 ranks x 2 micro-batches of one 256-token packed row, evaluated
+    before training too (eval_before_train, the default), so strategies compare on their pre-training eval losses."""
     return [
-        *checkpointed_run_args(shared_cache, run_dir),
+        *[a for a in checkpointed_run_args(shared_cache, run_dir) if a != "eval_before_train=false"],
         f"model.name_or_path={tiny_weights(shared_cache)}",
         "model.init=pretrained",
         "distributed.processes_per_node=2",
@@ -104,16 +105,19 @@ def test_ddp_runs_two_real_ranks_into_one_run_directory(shared_cache: Path) -> N
     attempts = json.loads((run_dir / "attempts.json").read_text())
     assert [a["world_size"] for a in attempts] == [2]
     assert sorted(losses(run_dir / "trainer_state.json")) == list(range(1, 9))
+    assert sorted(m["eval_loss_before"]) == sorted(m["eval_loss_after"]) and m["eval_loss_before"]["all"] > 0
     assert (run_dir / "mixture_stats.json").exists() and (run_dir / "model.safetensors").exists()
     assert not list(run_dir.parent.glob("ddp_reference?*"))  # one run directory, not one per rank
 
 
 @pytest.mark.slow
-def test_zero3_trains_like_ddp_and_sigusr1_stops_every_rank_with_a_checkpoint(
+def test_zero3_evaluates_and_trains_like_ddp_and_sigusr1_stops_every_rank_with_a_checkpoint(
     tmp_path: Path, shared_cache: Path
 ) -> None:
     pytest.importorskip("deepspeed")
-    want = losses(ddp_reference(shared_cache) / "trainer_state.json")
+    ddp = ddp_reference(shared_cache)
+    want = losses(ddp / "trainer_state.json")
+    want_before = json.loads((ddp / "metrics.json").read_text())["eval_loss_before"]
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -135,12 +139,20 @@ def test_zero3_trains_like_ddp_and_sigusr1_stops_every_rank_with_a_checkpoint(
     text = "".join(out) + rest
     assert proc.returncode == 128 + signal.SIGUSR1, text[-4000:]
     assert "interrupted by SIGUSR1" in text and "resume=" in text
+    # eval_before_train under ZeRO-3 (it used to leave an inference-only engine behind and the first backward failed):
+    # every source evaluated before the first step, with DDP's losses
+    before = json.loads((run_dir / "eval_loss_before.json").read_text())
+    assert sorted(before) == sorted(want_before) and "all" in before, (before, want_before)
+    for src, loss in want_before.items():
+        assert abs(before[src] - loss) <= 1e-5, (src, before[src], loss)
     ckpt = last_complete_checkpoint(run_dir)
     assert ckpt is not None and not (run_dir / "metrics.json").exists()
     step = int(ckpt.name.split("-")[1])
     assert step < 8
     assert (ckpt / f"global_step{step}").is_dir()  # a DeepSpeed checkpoint: ZeRO-3 really ran, sharded per rank
     assert len(list((ckpt / f"global_step{step}").glob("*optim_states.pt"))) == 2
+    history = json.loads((ckpt / "trainer_state.json").read_text())["log_history"]
+    assert not [h for h in history if any(k.startswith("eval_") for k in h)]  # as under DDP: no row for that eval
     got = losses(ckpt / "trainer_state.json")
     assert sorted(got) == list(range(1, step + 1))
     for s, loss in got.items():

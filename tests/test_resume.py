@@ -7,6 +7,7 @@ checked in tests/test_distributed.py (forwarded to the ranks), a Slurm requeue i
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -16,11 +17,21 @@ from pathlib import Path
 
 import pytest
 
-from sft_exp.checkpoints import MARKER, is_complete, last_complete_checkpoint, mark_complete, prune_incomplete, rotate
+from sft_exp.checkpoints import (
+    MARKER,
+    SaveFailed,
+    checkpoints,
+    is_complete,
+    last_complete_checkpoint,
+    mark_complete,
+    prune_incomplete,
+    rotate,
+    save_guard,
+)
 from sft_exp.config import ConfigError, validate
 from sft_exp.launch import HydraJob
 from sft_exp.launch.resume import config_differences, find_latest_run
-from sft_exp.rundir import FROZEN, freeze
+from sft_exp.rundir import FROZEN, freeze, write_json
 from tests.conftest import PY, REPO, checkpointed_run_args, compose, launch
 
 # ------------------------------------------------------------------------------------------------ checkpoint files
@@ -191,3 +202,102 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path: Path, shared_c
         assert abs(m["eval_loss_after"][k] - v) <= 1e-6, k
     attempts = json.loads((run_dir / "attempts.json").read_text())
     assert [a["resumed_from"] for a in attempts] == [None, last.name, stopped_at.name]
+
+
+# ------------------------------------------------------------------------------------------------ a save that fails
+
+
+def test_failed_writes_become_a_short_report_and_bugs_keep_their_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / FROZEN).write_text("{}")
+    _fake_checkpoint(tmp_path, 2)
+    half = _fake_checkpoint(tmp_path, 4, complete=False)
+    written = [
+        OSError(errno.ENOSPC, "No space left on device", str(half / "optimizer.pt")),  # Python's own writes
+        RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
+    ]
+    for error in written:
+        with pytest.raises(SaveFailed) as e, save_guard("checkpoint-4 save", half, tmp_path):
+            raise error
+        assert e.value.code == errno.ENOSPC and e.value.exit_code == 74 and e.value.last_complete.name == "checkpoint-2"
+        assert str(e.value).startswith("checkpoint-4 save failed: No space left on device (ENOSPC")
+        assert "checkpoint-4 is incomplete" in str(e.value) and f"resume={tmp_path}" in str(e.value)
+    with pytest.raises(SaveFailed, match="a write failed|ENOSPC"), save_guard("checkpoint-4 save", half, tmp_path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # torch.save
+    with pytest.raises(TypeError), save_guard("checkpoint-4 save", half, tmp_path):
+        raise TypeError("cannot pickle 'generator' object")  # not a storage problem: not disguised as one
+
+    (tmp_path / "metrics.json").write_text("{}")
+
+    def full(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(SaveFailed, match="metrics.json write failed: No space left on device"):
+        write_json(tmp_path / "metrics.json", {"done": True})
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.json").read_text() == "{}" and not list(tmp_path.glob(".metrics.json.tmp*"))
+
+
+# Put on PYTHONPATH, this makes torch.save of one file (SFT_EXP_TEST_ENOSPC=checkpoint-N/<file>) hit a full disk the
+# way Python's own writes do: part of the file written, then OSError ENOSPC. (torch's C++ writer really raises a
+# RuntimeError without errno; sft_exp.checkpoints.save_guard diagnoses those from the filesystem.)
+ENOSPC_SITECUSTOMIZE = """
+import errno
+import os
+
+_target = os.environ.get("SFT_EXP_TEST_ENOSPC")
+if _target:
+    import torch
+
+    _save = torch.save
+
+    def _full_disk_save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(os.sep + _target):
+            with open(f, "wb") as out:
+                out.write(b"\\0" * 4096)  # what fitted before the disk filled up
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(f))
+        return _save(obj, f, *args, **kwargs)
+
+    torch.save = _full_disk_save
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_save_is_reported_and_the_run_resumes(
+    tmp_path: Path, shared_cache: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    keep = ("train.max_steps=", "train.save_steps=")
+    args = [a for a in checkpointed_run_args(shared_cache, run_dir) if not a.startswith(keep)]
+    args += ["train.max_steps=2", "train.save_steps=1", "train.save_total_limit=1"]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(ENOSPC_SITECUSTOMIZE)
+    pythonpath = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+
+    # 1. checkpoint-1 completes; checkpoint-2's optimizer.pt hits a full disk.
+    r = launch(args, cwd=tmp_path, env={"PYTHONPATH": pythonpath, "SFT_EXP_TEST_ENOSPC": "checkpoint-2/optimizer.pt"})
+    assert r.returncode == 74, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    report = r.stderr[r.stderr.index("error: ") :].rstrip().splitlines()
+    assert len(report) == 3, report  # the last thing printed: what failed, the fix, how to continue
+    assert report[0] == (
+        f"error: checkpoint-2 save failed: No space left on device (ENOSPC): {run_dir}/checkpoint-2/optimizer.pt"
+    ), report
+    assert report[1].startswith("  fix: free space on that filesystem; checkpoint-2 is incomplete"), report
+    resume = "  then continue the run from checkpoint-1, its last complete checkpoint: python launch.py "
+    assert report[2].startswith(resume) and report[2].endswith(f" resume={run_dir}"), report
+    # The half-written checkpoint is not marked; the previous one is intact (rotation left it); nothing looks finished.
+    assert (run_dir / "checkpoint-2" / "model.safetensors").exists() and not is_complete(run_dir / "checkpoint-2")
+    assert last_complete_checkpoint(run_dir) == run_dir / "checkpoint-1"
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "model.safetensors").exists()
+
+    # 2. Space freed (no injection): the command the error printed finishes the run from checkpoint-1.
+    r = launch([*args, f"resume={run_dir}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "removed checkpoint-2" in r.stdout and f"resuming {run_dir} from checkpoint-1" in r.stdout
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["resumed_from"] == "checkpoint-1" and m["global_steps"] == 2
+    assert [p.name for _, p in checkpoints(run_dir)] == ["checkpoint-2"] and is_complete(run_dir / "checkpoint-2")

@@ -8,15 +8,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sft_exp.checkpoints import Interrupted
+from sft_exp.checkpoints import Interrupted, SaveFailed
 from sft_exp.config import ConfigError, DistStrategy, Mode, RunConfig
 from sft_exp.launch import HydraJob
 from sft_exp.launch.resume import open_run_dir
 
 
-def resume_hint(run_dir: Path, job: HydraJob) -> str:
+def resume_command(run_dir: Path, job: HydraJob) -> str:
     cmd = " ".join(o for o in job.overrides if not o.startswith("resume="))
-    return f"continue it with: python launch.py {cmd} resume={run_dir}".replace("  ", " ")
+    return f"python launch.py {cmd} resume={run_dir}".replace("  ", " ")
+
+
+def resume_hint(run_dir: Path, job: HydraJob) -> str:
+    return f"continue it with: {resume_command(run_dir, job)}"
 
 
 def run_local(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started: float) -> dict[str, Any]:
@@ -46,6 +50,9 @@ def run_local(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started
     except Interrupted as e:
         print(f"[sft-exp] {e}; {resume_hint(run_dir, job)}", flush=True)
         raise SystemExit(e.exit_code) from None
+    except SaveFailed as e:  # launch.py reports it (short, no traceback) and exits with e.exit_code
+        e.command = resume_command(run_dir, job)
+        raise
 
 
 def _in_process(run: RunConfig, run_dir: Path, resume_from: Path | None, started: float) -> dict[str, Any]:

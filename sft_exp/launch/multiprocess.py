@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from sft_exp.checkpoints import STOP_SIGNALS, Interrupted, last_complete_checkpoint
+from sft_exp.checkpoints import SAVE_FAILED_EXIT, STOP_SIGNALS, Interrupted, SaveFailed, last_complete_checkpoint
 from sft_exp.config import RunConfig
 from sft_exp.distributed import cpu_cores
 
@@ -95,6 +95,8 @@ def spawn_ranks(run: RunConfig, run_dir: Path, n: int, resume_from: Path | None)
         step = int(ckpt.name.rsplit("-", 1)[1]) if ckpt else 0
         raise Interrupted(failed[0] - 128, step, ckpt)
     r, c = first, codes[first]
+    if c == SAVE_FAILED_EXIT:  # the rank printed what failed and where; the launcher adds how to continue
+        raise SaveFailed(f"a save by rank {r} of {n}", run_dir, run_dir, None, "its error is printed above")
     how = f"was killed by {signal.Signals(-c).name}" if c < 0 else f"exited with code {c}"
     raise RuntimeError(f"rank {r} of {n} {how} (its error is printed above); the other ranks were stopped")
 

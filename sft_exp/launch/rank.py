@@ -4,7 +4,8 @@
 
 A Slurm task calls `run_rank` in-process (sft_exp.launch.slurm) after setting the same environment from submitit's
 JobEnvironment. Exit codes: 0 done, 128 + signal when stopped on SIGTERM/SIGUSR1 (checkpoint saved), 2 for a
-configuration or data error, 1 otherwise.
+configuration or data error, 74 when a save failed (disk full, permissions: sft_exp.checkpoints.SaveFailed), 1
+otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sft_exp.checkpoints import Interrupted
+from sft_exp.checkpoints import Interrupted, SaveFailed
 from sft_exp.config import ConfigError
 
 
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
         return 2
+    except SaveFailed as e:
+        print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     return 0
 
 
