@@ -30,16 +30,16 @@ echo "== 1. gpu tests"
 timeout 180 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_packed_loss.py 2>&1 | tail -15 | tee "$OUT_DIR/gpu_tests.txt"
 
 echo "== 2. gpu_throughput"
-timeout "${BENCH_TIMEOUT:-360}" $PY bench/gpu_throughput.py --budget-s "${BENCH_BUDGET:-300}" 2>&1 \
+timeout "${BENCH_TIMEOUT:-360}" $PY bench/gpu_throughput.py --budget-s "${BENCH_BUDGET:-300}" ${BENCH_ARGS:-} 2>&1 \
   | grep -v "^\[transformers\]" | tee "$OUT_DIR/gpu_throughput.md"
 
 echo "== 3. framework on the GPU"
-COMMON=(model.dtype=bfloat16 train.bf16=true train.max_steps=30 train.logging_steps=10 distributed.processes_per_node=1
+COMMON=(model.dtype=bfloat16 train.bf16=true train.max_steps=20 train.logging_steps=10 distributed.processes_per_node=1
   cache_dir=/tmp/sft_cache)
 run() {  # name, overrides...
   local name=$1; shift
   local t0=$SECONDS
-  timeout 150 $PY launch.py "${COMMON[@]}" "$@" hydra.run.dir=/tmp/gpu_runs/$name >"/tmp/gpu_runs_$name.log" 2>&1
+  timeout "${RUN_TIMEOUT:-150}" $PY launch.py "${COMMON[@]}" "$@" hydra.run.dir=/tmp/gpu_runs/$name >"/tmp/gpu_runs_$name.log" 2>&1
   local rc=$?
   {
     echo "### $name: rc=$rc, $((SECONDS - t0)) s: python launch.py ${COMMON[*]} $*"
