@@ -607,6 +607,10 @@ def register_configs() -> None:
 
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda rel: str(ASSETS / rel))
+    if not OmegaConf.has_resolver("claim_dir"):  # the default hydra.run.dir: never shared by two runs
+        from sft_exp.rundir import claim_dir
+
+        OmegaConf.register_new_resolver("claim_dir", claim_dir)
     from sft_exp.sweep import register_resolvers  # ${run_dirname:...}: sweep run directory names
 
     register_resolvers()

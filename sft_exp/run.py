@@ -19,7 +19,7 @@ def prepare(run: RunConfig, run_dir: Path, report: bool = True) -> tuple[Any, An
     from sft_exp.model import build_tokenizer
 
     tokenizer = build_tokenizer(run)
-    data = prepare_data(run, tokenizer, cache_dir(run))
+    data = prepare_data(run, tokenizer, cache_dir(run), verbose=report)
     if report:
         write_json(run_dir / "mixture_stats.json", data.stats)
         print("\nresolved mixture\n" + format_table(data.stats) + "\n", flush=True)

@@ -35,6 +35,29 @@ def git_sha() -> str | None:
         return None
 
 
+_claimed: dict[str, str] = {}
+
+
+def claim_dir(base: str) -> str:
+    """${claim_dir:<path>} for hydra.run.dir: `base`, or `base-1`, `base-2`, ... when a run started in the same second
+    (or anything else) already holds it. The directory is created here, atomically (mkdir fails if it exists), so two
+    processes started together never share one: Hydra would otherwise write the second run's .hydra/ over the first's.
+    Memoised: Hydra resolves hydra.run.dir several times in one process and must get the same answer."""
+    if base not in _claimed:
+        Path(base).parent.mkdir(parents=True, exist_ok=True)
+        for n in range(10_000):
+            candidate = base if n == 0 else f"{base}-{n}"
+            try:
+                os.mkdir(candidate)
+            except FileExistsError:
+                continue
+            _claimed[base] = candidate
+            break
+        else:
+            raise FileExistsError(f"hydra.run.dir: {base} and 10,000 numbered variants exist")
+    return _claimed[base]
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write then rename, so a reader (or a crash) never sees half a file. A failed write (disk full, permissions)
     raises sft_exp.checkpoints.SaveFailed naming the file; `path` keeps its previous content."""

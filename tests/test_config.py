@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -127,3 +129,19 @@ def test_frozen_config_round_trips(tmp_path) -> None:
     assert again == run
     assert "${" not in (tmp_path / "run_config.yaml").read_text()  # resolved: workers never need Hydra
     assert OmegaConf.load(tmp_path / "run_config.yaml").mixture.sources.sort.weight == 2
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path) -> None:
+    """The default hydra.run.dir is ${claim_dir:<date>/<time>}: created atomically, numbered when taken."""
+    import multiprocessing as mp
+
+    from sft_exp.rundir import claim_dir
+
+    base = str(tmp_path / "runs" / "10-00-00")
+    with mp.get_context("spawn").Pool(2, maxtasksperchild=1) as pool:  # one process per claim, as two runs are
+        dirs = [r.get(60) for r in [pool.apply_async(claim_dir, (base,)) for _ in range(2)]]
+    assert sorted(dirs) == [base, base + "-1"] and all(Path(d).is_dir() for d in dirs)
+    other = str(tmp_path / "runs" / "10-00-01")
+    assert claim_dir(other) == claim_dir(other) == other  # Hydra resolves it several times: one answer
+    compose_cfg = OmegaConf.load(Path(CONF) / "config.yaml")
+    assert OmegaConf.to_container(compose_cfg)["hydra"]["run"]["dir"].startswith("${claim_dir:")

@@ -309,8 +309,11 @@ def _length_stats(lengths: np.ndarray) -> dict[str, float]:
     }
 
 
-def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path) -> PreparedData:
-    """Build the mixture, tokenise (through the cache), select rows by weight, pack train and per-source eval sets."""
+def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path, *, verbose: bool = True) -> PreparedData:
+    """Build the mixture, tokenise (through the cache), select rows by weight, pack train and per-source eval sets.
+
+    `verbose`: print the template check (rank 0). The ranks of a multi-process run pass False: the launcher already
+    prepared the data and printed it once."""
     t0 = time.perf_counter()
     spec = RenderSpec.build(run.template, tokenizer)
     names = sorted(run.mixture.sources)  # sorted: the result does not depend on the listing order
@@ -318,7 +321,7 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path) -> PreparedDat
     from sft_exp.distributed import is_main_process
 
     template_check = check_template(run, spec, tokenizer) if run.train.assistant_only_loss else None
-    if template_check is not None and is_main_process():
+    if template_check is not None and verbose and is_main_process():
         print(template_check.format(), flush=True)
     sources = [tokenize_source(n, run, spec, tokenizer, cache_dir) for n in names]
     t_tok = time.perf_counter() - t0
