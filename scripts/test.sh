@@ -16,4 +16,4 @@ else
   echo "[test] not root or no apt-get: skipping the slurm-marked tests (the local cluster cannot be started)"
   markers=(-m "not slurm")
 fi
-$PY -m pytest -q "${markers[@]}" "$@"
+$PY -m pytest -q --durations=15 "${markers[@]}" "$@"
