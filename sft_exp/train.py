@@ -207,6 +207,19 @@ def make_trainer_class() -> type:
                 hook()
             return prepared
 
+        def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+            # Resumed from the checkpoint of the last step (saved on a stop signal at max_steps, or before a final
+            # save failed): nothing is left to train. transformers 5.24 would still train one more step, because
+            # _inner_training_loop only stops at max_steps in on_step_end, after a step: with max_steps inside an
+            # epoch, epochs_trained = global_step // steps_per_epoch < num_train_epochs and the epoch loop resumes
+            # at update step global_step, trains step max_steps + 1, then stops. Skipping the epoch (no step, and no
+            # second log/save of the last step, already in the checkpoint) leaves train() to finish the run as the
+            # uninterrupted one did.
+            if 0 < self.state.max_steps <= self.state.global_step:
+                self.control.should_training_stop = True
+                return None
+            return super()._run_epoch(*args, **kwargs)
+
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):  # noqa: ANN001
             self._eval_prefix = metric_key_prefix
             try:

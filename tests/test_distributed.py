@@ -157,3 +157,67 @@ def test_zero3_evaluates_and_trains_like_ddp_and_sigusr1_stops_every_rank_with_a
     assert sorted(got) == list(range(1, step + 1))
     for s, loss in got.items():
         assert abs(loss - want[s]) <= 1e-5, (s, loss, want[s])
+
+
+# ------------------------------------------------------------------------------------------------ a rank that fails
+
+# Stands in for sft_exp.launch.rank (no torch: fast). The victim prints what a gloo rank prints when its peer is gone.
+FAKE_RANK = r"""
+import os, sys, time
+
+rank, mode = int(os.environ["RANK"]), os.environ["FAKE_MODE"]
+victim = "[rank0]: Traceback (most recent call last):\n[rank0]:   File \"x.py\", line 1, in barrier\n" * 20
+victim += "[rank0]: RuntimeError: [pair.cc:553] Connection closed by peer [127.0.0.1]:1234\n"
+print(f"rank {rank} training", flush=True)
+if rank == 0:
+    sys.stderr.write("  0%|     | 0/1\r")
+    time.sleep(0.2)  # its peer's connection closed: its traceback may come before the failing rank has exited
+    sys.stderr.write(victim)
+    sys.stderr.flush()
+    if mode == "config":
+        time.sleep(60)  # or it hangs: the launcher kills it
+    sys.exit(1)
+if mode == "save_failed":
+    print("[rank 1] error: checkpoint-1 save failed: No space left on device", file=sys.stderr, flush=True)
+    time.sleep(0.8)
+    sys.exit(74)
+if mode == "config":
+    print("[rank 1] error: sources.arith: bad row", file=sys.stderr, flush=True)
+    sys.exit(2)
+time.sleep(0.1)
+1 / 0  # a bug: its traceback is the report
+"""
+
+
+@pytest.mark.parametrize("mode", ["save_failed", "config", "bug"])
+def test_a_failing_rank_is_shown_and_the_tracebacks_of_the_ranks_it_took_down_are_not(
+    mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from types import SimpleNamespace
+
+    from sft_exp.checkpoints import SaveFailed
+    from sft_exp.config import ConfigError
+    from sft_exp.launch import multiprocess
+
+    (tmp_path / "fake_rank.py").write_text(FAKE_RANK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FAKE_MODE", mode)
+    monkeypatch.setattr(multiprocess, "RANK_MODULE", "fake_rank")
+    monkeypatch.setattr(multiprocess, "FAILURE_GRACE_S", 1.0)
+    run = SimpleNamespace(distributed=SimpleNamespace(master_port=29999))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "rank0.log").write_text("an earlier attempt\n")
+    error = {"save_failed": SaveFailed, "config": ConfigError, "bug": RuntimeError}[mode]
+    with pytest.raises(error, match="rank 1 of 2") as e:
+        multiprocess.spawn_ranks(run, tmp_path, 2, None)  # type: ignore[arg-type]
+    out, err = capsys.readouterr()
+    assert "rank 0 training" in out and "rank 1 training" in out  # stdout passes through
+    assert "Connection closed by peer" not in err, err
+    assert "rank 0 stopped after rank 1 failed" in err and str(tmp_path / "logs" / "rank0.log") in err, err
+    if mode == "bug":
+        assert "ZeroDivisionError" in err and "Traceback" in err and str(e.value).endswith("were stopped")
+    else:
+        assert "[rank 1] error: " in err and "Traceback" not in err, err
+    logs = {r: (tmp_path / "logs" / f"rank{r}.log").read_text() for r in (0, 1)}
+    assert logs[0].startswith("an earlier attempt\n----- started ") and logs[0].count("Connection closed by peer") == 1
+    assert "rank 0 training" in logs[0] and "[rank 1] error" not in logs[0] and "rank 1 training" in logs[1]

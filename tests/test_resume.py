@@ -294,10 +294,58 @@ def test_a_full_disk_during_a_checkpoint_save_is_reported_and_the_run_resumes(
     assert last_complete_checkpoint(run_dir) == run_dir / "checkpoint-1"
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "model.safetensors").exists()
 
-    # 2. Space freed (no injection): the command the error printed finishes the run from checkpoint-1.
+    # 2. Space freed: the command the error printed continues from checkpoint-1 and trains step 2 (checkpoint-2,
+    # the last step); then the final model save hits a full disk: exit 74, checkpoint-2 complete, nothing finished.
+    final_save = {"PYTHONPATH": pythonpath, "SFT_EXP_TEST_ENOSPC": f"{run_dir.name}/training_args.bin"}
+    r = launch([*args, f"resume={run_dir}"], cwd=tmp_path, env=final_save)
+    assert r.returncode == 74, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "removed checkpoint-2" in r.stdout and f"resuming {run_dir} from checkpoint-1" in r.stdout
+    assert "final model save failed: No space left on device" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "from checkpoint-2, its last complete checkpoint" in r.stderr, r.stderr[-2000:]
+    assert [p.name for _, p in checkpoints(run_dir)] == ["checkpoint-2"] and is_complete(run_dir / "checkpoint-2")
+    assert not (run_dir / "metrics.json").exists()
+    history = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    want = _losses(run_dir / "checkpoint-2")
+    assert sorted(want) == [1, 2]
+
+    # 3. Resumed from the checkpoint of the last step (max_steps): no step is trained again (transformers would train
+    # a step 3); the run just finishes (final eval, model, metrics.json) with the loss history it had.
     r = launch([*args, f"resume={run_dir}"], cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "removed checkpoint-2" in r.stdout and f"resuming {run_dir} from checkpoint-1" in r.stdout
+    assert f"resuming {run_dir} from checkpoint-2" in r.stdout
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert m["resumed_from"] == "checkpoint-1" and m["global_steps"] == 2
-    assert [p.name for _, p in checkpoints(run_dir)] == ["checkpoint-2"] and is_complete(run_dir / "checkpoint-2")
+    assert m["resumed_from"] == "checkpoint-2" and m["global_steps"] == 2 and m["eval_loss_after"], m
+    assert _losses(run_dir) == want
+    final = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    assert final[: len(history)] == history and not [h for h in final[len(history) :] if "loss" in h], final
+    assert (run_dir / "model.safetensors").read_bytes() == (run_dir / "checkpoint-2" / "model.safetensors").read_bytes()
+    assert [p.name for _, p in checkpoints(run_dir)] == ["checkpoint-2"]
+
+
+@pytest.mark.slow
+def test_a_rank_whose_save_fails_is_reported_without_the_other_ranks_tracebacks(
+    tmp_path: Path, shared_cache: Path
+) -> None:
+    """2 DDP ranks; rank 1's share of checkpoint-1 (its RNG state) hits a full disk. Rank 0, waiting for it at the
+    save's barrier, loses its peer (gloo: "Connection closed by peer", with a long traceback): the launcher shows rank
+    1's report and its own, and keeps rank 0's traceback in the run's log files."""
+    run_dir = tmp_path / "run"
+    keep = ("train.max_steps=", "train.save_steps=")
+    args = [a for a in checkpointed_run_args(shared_cache, run_dir) if not a.startswith(keep)]
+    args += ["train.max_steps=1", "train.save_steps=1", "distributed=ddp", "distributed.processes_per_node=2"]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(ENOSPC_SITECUSTOMIZE)
+    pythonpath = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    full = {"PYTHONPATH": pythonpath, "SFT_EXP_TEST_ENOSPC": "checkpoint-1/rng_state_1.pth"}
+    r = launch(args, cwd=tmp_path, env=full)
+    assert r.returncode == 74, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "Connection closed by peer" not in r.stderr, r.stderr[-4000:]
+    failed = f"[rank 1] error: checkpoint-1 save failed: No space left on device (ENOSPC): {run_dir}/checkpoint-1/"
+    assert failed in r.stderr, r.stderr[-3000:]
+    quiet = f"rank 0 stopped after rank 1 failed; what rank 0 printed then is not shown here: see {run_dir}/logs/"
+    assert quiet in r.stderr, r.stderr[-3000:]
+    assert "error: a save by rank 1 of 2 failed" in r.stderr and f"resume={run_dir}" in r.stderr.splitlines()[-1]
+    logs = {n: (run_dir / "logs" / f"rank{n}.log").read_text() for n in (0, 1)}
+    assert "Traceback" in logs[0] and "[rank 1] error: checkpoint-1 save failed" in logs[1]
+    assert not is_complete(run_dir / "checkpoint-1") and not (run_dir / "metrics.json").exists()

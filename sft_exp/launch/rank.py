@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,12 @@ def run_rank(
     started: float | None = None,
     prepared: Any = None,
     report: bool = False,
+    on_error: Callable[[BaseException], None] | None = None,
 ) -> dict[str, Any]:
-    """This rank's share of the run; the environment already says who it is (RANK, WORLD_SIZE, MASTER_*)."""
+    """This rank's share of the run; the environment already says who it is (RANK, WORLD_SIZE, MASTER_*).
+
+    `on_error` sees an error before the process group is destroyed: the other ranks fail on the lost connection only
+    after this rank has reported why."""
     import torch
 
     from sft_exp.distributed import destroy_process_group, init_process_group
@@ -39,8 +44,23 @@ def run_rank(
     init_process_group(load_frozen(run_dir))
     try:
         return execute(run_dir, started, resume_from=resume_from, prepared=prepared, report=report)
+    except BaseException as e:
+        if on_error is not None:
+            on_error(e)
+        raise
     finally:
         destroy_process_group()
+
+
+def exit_code(e: BaseException) -> int | None:
+    """The exit code of an error a rank reports in a line or three (None: a bug, whose traceback is the report)."""
+    from sft_exp.data.sources import DataError
+
+    if isinstance(e, (Interrupted, SaveFailed)):
+        return e.exit_code
+    if isinstance(e, (ConfigError, DataError, FileNotFoundError)):
+        return 2
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,17 +72,26 @@ def main(argv: list[str] | None = None) -> int:
 
     die_with_launcher()
     rank = os.environ.get("RANK", "0")
+
+    def report(e: BaseException) -> None:
+        """A clear error: say it, then exit at once with its code, without tearing the process group down first: the
+        other ranks lose the connection only now, after the report, and the launcher sees this exit code first.
+        (A stop signal is no error: every rank stopped at the same step; they leave the usual way.)"""
+        code = exit_code(e)
+        if code is None or isinstance(e, Interrupted):
+            return
+        print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+
     try:
-        run_rank(a.run_dir, a.resume_from)
+        run_rank(a.run_dir, a.resume_from, on_error=report)
     except Interrupted as e:
         print(f"[rank {rank}] {e}", file=sys.stderr, flush=True)
         return e.exit_code
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except SaveFailed as e:
-        print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
+    except BaseException as e:  # before the process group existed (or a bug: its traceback is the report)
+        report(e)
+        raise
     return 0
 
 
