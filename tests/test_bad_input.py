@@ -28,6 +28,7 @@ CASES = {
         ["mixture.sources.arith.path=null", "mixture.sources.arith.id=nobody/no-such-dataset"],
         "mixture.sources.arith: could not load nobody/no-such-dataset",
     ),
+    "unknown split of local files": (["mixture.sources.arith.split=validation"], "split: 'validation' for local files"),
     "columns differ": (["mixture.sources.arith.columns=[messages]"], "columns differ across sources"),
     "template without generation markers": (["template.chat_template=@NO_MARKERS"], "no {% generation %} markers"),
     "max_length too small for the header": (["packing.max_length=100"], "too small for the template's header"),

@@ -81,6 +81,11 @@ def load_source(name: str, spec: SourceConfig) -> Any:
                         raise ConfigError(f"{where}: split '{spec.split}' not in {list(ds)} at {spec.path}")
                     ds = ds[spec.split]
             else:
+                if spec.split != "train":  # datasets would silently read the files as 'train'
+                    raise ConfigError(
+                        f"{where}.split: '{spec.split}' for local files at {spec.path}, which are read as one split "
+                        "('train'). Point path at that split's file(s) and drop the split override"
+                    )
                 builder, files = _local_files(spec.path)
                 ds = datasets.load_dataset(builder, data_files=files, split="train")
         else:
