@@ -23,12 +23,15 @@ import pytest
 from transformers import AutoTokenizer
 
 from sft_exp.config import ASSETS, TemplateConfig, TrainOn
+from sft_exp.data import fast_render
 from sft_exp.data.template import (
     PieceTokenizer,
+    Renderer,
     RenderSpec,
     TemplateError,
     compile_template,
     encode_conversations,
+    renderer,
     row_kwargs,
     tokenize_conversations,
 )
@@ -293,6 +296,266 @@ def test_plain_path_for_tokenizers_whose_pieces_are_not_independent() -> None:
     assert not enc.piecewise
     ref_ids, ref_mask = reference(tok, spec, rows[0], None)
     assert enc.ids.tolist() == ref_ids and enc.masks.tolist() == ref_mask
+
+
+# ───── the exact ports of the shipped templates (sft_exp.data.fast_render) ─────
+
+
+def test_ports_are_pinned_to_the_shipped_template_texts() -> None:
+    """Each port reproduces one exact template text: editing a shipped template must come with its port's update."""
+    assert fast_render._sha256(TEMPLATES["smollm3"]) == fast_render.SMOLLM3_SHA256
+    assert fast_render._sha256(TEMPLATES["chatml"]) == fast_render.CHATML_SHA256
+    for name in TEMPLATES:
+        assert renderer(make(name)[1]).port is not None, name
+
+
+@pytest.mark.parametrize("template", ["smollm3", "chatml"])
+def test_demo_rows_take_the_port(template: str) -> None:
+    """Every demo row is rendered by the port, not by Jinja (the renderer counts the rows of each path)."""
+    tok, spec = make(template)
+    r = renderer(spec)
+    fast, slow = r.fast_rows, r.jinja_rows
+    n = 0
+    for name in SOURCES:
+        messages, kwargs = load_rows(name)
+        for start in range(0, len(messages), 512):
+            encode_conversations(spec, tok, messages[start : start + 512], kwargs[start : start + 512])
+        n += len(messages)
+    assert r.fast_rows - fast == n and r.jinja_rows == slow
+
+
+def _spec_thinking(template: str, thinking: bool | None) -> tuple[Any, RenderSpec]:
+    tok, spec = make(template)
+    return tok, RenderSpec(
+        spec.chat_template, thinking, spec.date_string, spec.special_tokens, spec.train_on, spec.eos_token
+    )  # type: ignore[arg-type]
+
+
+def _assert_port_equals_jinja(r: Renderer, messages: Any, kwargs: Any, agp: bool = False, what: Any = None) -> None:
+    got = r.port(messages, row_kwargs(r.spec, kwargs), agp)
+    assert got is not None, ("the port refused", what)
+    text, spans = r.render_jinja(messages, kwargs, agp)
+    assert got[0] == text, what
+    assert [tuple(s) for s in got[1]] == [tuple(s) for s in spans], what
+
+
+@pytest.mark.parametrize("thinking", [True, False, None])
+@pytest.mark.parametrize("template", ["smollm3", "chatml"])
+def test_port_equals_jinja_on_every_demo_row(template: str, thinking: bool | None) -> None:
+    """(text, generation spans) of the port == the Jinja render with transformers' AssistantTracker, on every demo row
+    with the row's enable_thinking replaced by `thinking` (None: neither the row nor the config says)."""
+    _, spec = _spec_thinking(template, thinking)
+    r = renderer(spec)
+    assert r.port is not None
+    for name in SOURCES:
+        messages, kwargs = load_rows(name)
+        for i, (m, k) in enumerate(zip(messages, kwargs)):
+            _assert_port_equals_jinja(r, m, {**(k or {}), "enable_thinking": thinking}, i % 7 == 0, (name, i))
+
+
+SCHEMA = {
+    "name": "lookup",
+    "description": 'Ünïcödé \u2014 "quoted" \\\\ back\\nslash',
+    "parameters": {
+        "type": "object",
+        "properties": {"q": {"type": "string", "enum": ["a", None, "b"]}, "n": {"type": "integer", "default": None}},
+        "required": ["q"],
+        "extra": [1, 2.5, True, False, None, [], {}, {"deep": None}],
+    },
+    "strict": None,
+}
+# Rows for the branches of the templates the demo rows do not reach; the port handles every one of them.
+PORT_CASES: list[tuple[str, list[dict[str, Any]], dict[str, Any] | None]] = [
+    ("custom_instructions_think", [{"role": "user", "content": "hi"}], {"custom_instructions": "Be terse."}),
+    (
+        "custom_instructions_no_think",
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+        {"custom_instructions": "Be terse.  \n", "enable_thinking": False},
+    ),
+    ("custom_instructions_empty", [{"role": "user", "content": "hi"}], {"custom_instructions": ""}),
+    (
+        "system_replaces_custom_instructions",
+        [{"role": "system", "content": "Sys. /think"}, {"role": "user", "content": "a"}],
+        {"custom_instructions": "ignored", "enable_thinking": False},
+    ),
+    (
+        "system_both_flags",
+        [{"role": "system", "content": "/think and /no_think"}, {"role": "assistant", "content": "\n\nx"}],
+        None,
+    ),
+    ("system_only_flag", [{"role": "system", "content": "  /no_think  "}, {"role": "user", "content": "q"}], None),
+    (
+        "system_override_think",
+        [{"role": "system", "content": "Raw system. /system_override /think  "}, {"role": "user", "content": "q"}],
+        {"enable_thinking": False, "xml_tools": "ignored"},
+    ),
+    ("system_without_content", [{"role": "system"}, {"role": "user", "content": "q"}], {"custom_instructions": "c"}),
+    ("system_content_none", [{"role": "system", "content": None}, {"role": "assistant", "content": "x"}], None),
+    (
+        "system_not_first",
+        [{"role": "user", "content": "q"}, {"role": "system", "content": "late /no_think"}],
+        {"enable_thinking": True},
+    ),
+    ("no_messages", [], {"enable_thinking": False}),
+    ("xml_tools_string", [{"role": "user", "content": "q"}], {"xml_tools": "<tools>raw</tools>"}),
+    ("xml_tools_empty_string", [{"role": "user", "content": "q"}], {"xml_tools": ""}),
+    ("xml_tools_empty_list", [{"role": "user", "content": "q"}], {"xml_tools": []}),
+    ("xml_tools_mixed_list", [{"role": "user", "content": "q"}], {"xml_tools": ['{"name": "raw"}', SCHEMA, 3, None]}),
+    ("tools_over_xml_tools", [{"role": "user", "content": "q"}], {"tools": [SCHEMA, TOOL], "xml_tools": "unused"}),
+    ("empty_tools_then_xml_tools", [{"role": "user", "content": "q"}], {"tools": [], "xml_tools": [TOOL]}),
+    ("python_tools_string", [{"role": "user", "content": "q"}], {"python_tools": "def f(x): ..."}),
+    ("python_tools_list", [{"role": "user", "content": "q"}], {"python_tools": ["def f(): ...", SCHEMA, TOOL]}),
+    ("python_tools_empty", [{"role": "user", "content": "q"}], {"python_tools": [], "xml_tools": [TOOL]}),
+    (
+        "generation_prompt_kwarg_no_think",
+        [{"role": "user", "content": "q"}],
+        {"add_generation_prompt": True, "enable_thinking": False},
+    ),
+    ("generation_prompt_kwarg_think", [{"role": "user", "content": "q"}], {"add_generation_prompt": True}),
+    (
+        "assistant_tool_calls_without_content",
+        [
+            {"role": "user", "content": "Time in Oslo?"},
+            {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_time"}}]},
+            {"role": "tool", "content": "09:15", "tool_call_id": "c1", "name": "get_time"},
+            {"role": "assistant", "content": "It is 09:15.", "reasoning_content": "Read it off.", "thinking": None},
+        ],
+        {"enable_thinking": False, "tools": [TOOL], "documents": None},
+    ),
+    (
+        "row_date_string",
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        {"date_string": "29 February 2028"},
+    ),
+]
+
+
+@pytest.mark.parametrize("template", ["smollm3", "chatml"])
+def test_port_equals_jinja_on_edge_cases(template: str) -> None:
+    tok, spec = make(template)
+    r = renderer(spec)
+    for thinking in (True, False, None):
+        r2 = renderer(_spec_thinking(template, thinking)[1])
+        for name, m, k in EDGE_CASES + PORT_CASES:
+            for agp in (False, True):
+                _assert_port_equals_jinja(r2, m, k, agp, name)
+                if thinking is not None and "enable_thinking" not in (k or {}):
+                    continue
+                _assert_port_equals_jinja(r2, m, {**(k or {}), "enable_thinking": thinking}, agp, name)
+    # the date from strftime_now when no date_string is given (neither in the config nor in the row)
+    undated = RenderSpec(spec.chat_template, True, None, spec.special_tokens, spec.train_on, spec.eos_token)
+    _assert_port_equals_jinja(renderer(undated), PORT_CASES[0][1], None, False, "strftime_now")
+    # and token for token, mask for mask, what apply_chat_template gives
+    cases = [(n, m, k) for n, m, k in PORT_CASES if m]
+    fast = r.fast_rows
+    ids, masks = tokenize_conversations(spec, tok, [m for _, m, _ in cases], [k for _, _, k in cases])
+    assert r.fast_rows - fast == len(cases)
+    for (name, m, k), row_ids, row_mask in zip(cases, ids, masks):
+        ref_ids, ref_mask = reference(tok, spec, m, k)
+        assert row_ids.tolist() == ref_ids and row_mask.tolist() == ref_mask, name
+
+
+def _not_a_tool(x: str) -> str:
+    """A function, not a JSON schema: transformers turns it into one.
+
+    Args:
+        x: anything
+    """
+    return x
+
+
+# Rows the ports leave to Jinja: (name, messages, kwargs, templates whose port refuses it).
+FALLBACK_CASES: list[tuple[str, list[Any], dict[str, Any] | None, tuple[str, ...]]] = [
+    ("unknown_message_key", [{"role": "user", "content": "q", "weight": 0.5}], None, ("smollm3", "chatml")),
+    (
+        "content_parts",
+        [{"role": "user", "content": [{"type": "text", "text": "q"}]}, {"role": "assistant", "content": "a"}],
+        None,
+        ("smollm3", "chatml"),
+    ),
+    ("content_number", [{"role": "user", "content": 5}], None, ("smollm3", "chatml")),
+    ("unknown_role", [{"role": "developer", "content": "d"}, {"role": "user", "content": "q"}], None, ("smollm3",)),
+    ("role_missing", [{"content": "d"}, {"role": "user", "content": "q"}], None, ("smollm3", "chatml")),
+    ("unknown_kwarg", [{"role": "user", "content": "q"}], {"persona": "x"}, ("smollm3", "chatml")),
+    ("thinking_as_string", [{"role": "user", "content": "q"}], {"enable_thinking": "false"}, ("smollm3", "chatml")),
+    ("thinking_as_int", [{"role": "user", "content": "q"}], {"enable_thinking": 0}, ("smollm3", "chatml")),
+    ("xml_tools_mapping", [{"role": "user", "content": "q"}], {"xml_tools": {"a": 1}}, ("smollm3", "chatml")),
+    ("callable_tool", [{"role": "user", "content": "q"}], {"tools": [_not_a_tool]}, ("smollm3", "chatml")),
+    ("tuple_in_tools", [{"role": "user", "content": "q"}], {"xml_tools": [("a", 1)]}, ("smollm3", "chatml")),
+    ("documents", [{"role": "user", "content": "q"}], {"documents": [{"text": "d"}]}, ("smollm3", "chatml")),
+]
+
+
+@pytest.mark.parametrize("template", ["smollm3", "chatml"])
+def test_rows_the_port_does_not_handle_take_jinja(template: str) -> None:
+    tok, spec = make(template)
+    r = renderer(spec)
+    for name, m, k, refused in FALLBACK_CASES:
+        got = r.port(m, row_kwargs(spec, k), False)
+        assert (got is None) == (template in refused), name
+        slow = r.jinja_rows
+        try:
+            expected: Any = reference(tok, spec, m, k)
+        except Exception as e:  # noqa: BLE001
+            expected = type(e)
+        try:
+            ids, masks = tokenize_conversations(spec, tok, [m], [k])
+            out: Any = (ids[0].tolist(), masks[0].tolist())
+        except Exception as e:  # noqa: BLE001
+            out = type(e)
+        if isinstance(expected, tuple) or isinstance(out, tuple):
+            assert out == expected, name
+        if template in refused:
+            assert r.jinja_rows == slow + 1, name
+
+
+def test_an_edited_template_takes_jinja() -> None:
+    """One byte away from a shipped template (here: a comment), or the ports switched off: no port, Jinja renders."""
+    edited = TEMPLATES["smollm3"].replace("used by the config", "used by  the config", 1)
+    assert edited != TEMPLATES["smollm3"]
+    assert fast_render.port_for(edited) is None and fast_render.port_for(TEMPLATES["chatml"] + "\n") is None
+    tok, spec = make(edited)
+    r = renderer(spec)
+    assert r.port is None
+    messages, kwargs = load_rows("tools")
+    slow = r.jinja_rows
+    ids, masks = tokenize_conversations(spec, tok, messages[:20], kwargs[:20])
+    assert r.jinja_rows - slow == 20 and r.fast_rows == 0
+    for i in range(20):
+        ref_ids, ref_mask = reference(tok, spec, messages[i], kwargs[i])
+        assert ids[i].tolist() == ref_ids and masks[i].tolist() == ref_mask
+    # special tokens never shadow what the ports read; a variable that would, turns the port off
+    assert fast_render.port_for(TEMPLATES["chatml"], {"eos_token": EOS}) is not None
+    assert fast_render.port_for(TEMPLATES["chatml"], {"strftime_now": "x"}) is None
+
+
+def test_ports_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast_render, "ENABLED", False)
+    assert fast_render.port_for(TEMPLATES["smollm3"]) is None
+    _, spec = make("smollm3")
+    assert Renderer(spec).port is None
+
+
+def test_word_split_encodes_as_the_rust_tokenizer() -> None:
+    """Pieces of printable ASCII are cut into the ByteLevel pre-tokenizer's words and each word is encoded once: the
+    tokens and offsets equal the Rust tokenizer's on the whole text, on tricky and random ASCII text."""
+    import random
+
+    tok, _ = make("smollm3")
+    pt = PieceTokenizer(tok)
+    assert pt.words_re is not None
+    rng = random.Random(0)
+    alphabet = "aZ9 '\t\n\r!.{}\"s"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(400)]
+    texts += ["It's   ok\n\n  'll 're 9x <|im_end|>\n  <think>x's", "caf\u00e9 \u00e9t\u00e9 \x1c\x0b x", " ", ""]
+    texts += texts[:50]  # seen twice: then encoded whole
+    for _ in range(2):  # the second round answers from the caches
+        ids, offs, rows = pt.encode(texts)
+        for i, t in enumerate(texts):
+            e = tok.backend_tokenizer.encode(t, add_special_tokens=False)
+            a, b = int(rows[i]), int(rows[i + 1])
+            assert ids[a:b].tolist() == e.ids, t
+            assert [tuple(o) for o in offs[a:b].tolist()] == [tuple(o) for o in e.offsets], t
 
 
 # ───── train_on: which tokens of an assistant turn are trained ─────

@@ -15,15 +15,23 @@ fraction of the cost of TRL's per-row preparation (bench/bench_template.py):
    tracker directly (`_render_with_assistant_indices`) after the same input preparation `apply_chat_template` does
    (None-valued message keys dropped, `_plain_template_data`, reasoning-field aliases, special tokens as template
    variables). What is skipped is per-row overhead only: the regex scan of the template text, the per-row tokenizer
-   call, the per-token Python mask loop. The template body itself still runs once per row: it is now the largest
-   cost, and no cache of its output can be exact for templates that inspect the content (smollm3 does).
+   call, the per-token Python mask loop. For the two templates the repo ships, the template body does not run either:
+   `fast_render` holds an exact pure-Python port of each (same text, same generation spans), used only when the
+   template text in use hashes to the shipped file's and the row is one the port handles (plain messages of known
+   keys and roles, known kwargs of known types); any other template or row is rendered by Jinja as above.
+   `Renderer.fast_rows` / `jinja_rows` count the rows of each path; SFT_EXP_FAST_RENDER=0 turns the ports off.
 2. Tokenise. The Rust tokenizer first cuts a text at its added tokens (<|im_start|>, <|im_end|>, <think>, ...), then
    normalises, pre-tokenises and encodes each piece between them on its own. So a rendered text is cut the same way
    here and every distinct piece is encoded once (one batched Rust call per batch, and a bounded cache across batches):
    the system header, the persona, tool lists and role headers repeat across rows and are not encoded again. A
    tokenizer whose pieces are not independent (an added token with lstrip/rstrip/single_word, normalised added tokens
    under a normaliser, a Metaspace pre-tokenizer that prepends only to the first piece, split_special_tokens) takes the
-   plain path: one `encode_batch` of the whole texts.
+   plain path: one `encode_batch` of the whole texts. With a byte-level BPE tokenizer (no normaliser, ByteLevel
+   pre-tokenizer with its GPT-2 regex), a piece of printable ASCII seen for the first time is cut further into the
+   pre-tokenizer's words (the same regex, which on that alphabet has the same classes in Python's engine) and each
+   distinct word is encoded once: the Rust pre-tokenizer, not the BPE, was most of the tokenisation cost, and a row's
+   content is made of few distinct words. A piece seen again (a header, a tool list) is encoded whole. A probe checks
+   the split against the Rust tokenizer when the tokenizer is loaded; SFT_EXP_WORD_SPLIT=0 turns the split off.
 3. Mask. transformers' rule: a token is marked when its character range overlaps a generation span (its single pass
    takes, for each token, the first span that does not end at or before the token's start), vectorised over the
    whole batch with `searchsorted`.
@@ -41,6 +49,7 @@ from __future__ import annotations
 import functools
 import inspect as _inspect
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from itertools import chain
@@ -50,10 +59,15 @@ from typing import Any
 import numpy as np
 
 from sft_exp.config import TemplateConfig, TrainOn
+from sft_exp.data import fast_render
 
 GENERATION_RE = r"\{\%-?\s*generation\s*-?\%\}"
 # A private-use character: probe contents that cannot collide with template text.
 _PROBE = "\ue000"
+# Cut ASCII pieces into their pre-tokenizer words (PieceTokenizer._words_re); SFT_EXP_WORD_SPLIT=0 turns it off.
+WORD_SPLIT = os.environ.get("SFT_EXP_WORD_SPLIT", "1") != "0"
+# Characters outside the alphabet on which the word split equals the Rust pre-tokenizer's (PieceTokenizer._words_re).
+_UNSAFE_FOR_WORDS = re.compile(r"[^\t\n\r\x20-\x7e]")
 # Pieces kept in the tokenisation cache before it is cleared (bounds memory on sources of unique texts).
 _PIECE_CACHE_MAX = 200_000
 
@@ -251,7 +265,6 @@ class Renderer:
                 "sft-exp renders through. Install the transformers version of constraints-cpu.txt"
             )
         self.spec = spec
-        self.template = compile_template(spec.chat_template)
         slow = ctu._plain_template_data
         self._slow_plain = slow
         self._plain = lambda value: _plain_data(value, slow)
@@ -263,10 +276,22 @@ class Renderer:
         self._base = self._plain(dict(spec.special_tokens))
         self._reserved = _apply_chat_template_args()
         self._checked_keys: set[frozenset[str]] = set()
+        # The exact pure-Python port of a shipped template (None for any other template text): rows it handles skip
+        # the Jinja render; the counters say how many rows took which path.
+        self.port = fast_render.port_for(spec.chat_template, self._base)
+        self.fast_rows = 0
+        self.jinja_rows = 0
+        if self.port is None:
+            self.template  # noqa: B018 - compiled now: a template that does not compile fails here, as before
         self.prompts, self.header = self._generation_prompts()
         # What a generation prompt adds after the header (the empty no_think think block), longest first.
         n = len(self.header or "")
         self._rests = sorted({p[n:] for p in self.prompts if len(p) > n}, key=len, reverse=True)
+
+    @functools.cached_property
+    def template(self) -> Any:
+        """The compiled template, compiled on first use: with a port, only a row the port leaves to Jinja needs it."""
+        return compile_template(self.spec.chat_template)
 
     def _tools(self, tools: Any) -> Any:
         """The `tools` argument as transformers takes it: JSON schemas, or functions turned into schemas."""
@@ -284,7 +309,19 @@ class Renderer:
         return out
 
     def __call__(self, messages: Any, kwargs: Any, add_generation_prompt: bool = False) -> tuple[str, list[Any]]:
-        """One conversation -> (text, generation spans), as `apply_chat_template` renders it."""
+        """One conversation -> (text, generation spans), as `apply_chat_template` renders it: through the template's
+        exact port when it has one and the row is one the port handles, else through Jinja."""
+        port = self.port
+        if port is not None:
+            out = port(messages, row_kwargs(self.spec, kwargs), add_generation_prompt)
+            if out is not None:
+                self.fast_rows += 1
+                return out
+        self.jinja_rows += 1
+        return self.render_jinja(messages, kwargs, add_generation_prompt)
+
+    def render_jinja(self, messages: Any, kwargs: Any, add_generation_prompt: bool = False) -> tuple[str, list[Any]]:
+        """One conversation -> (text, generation spans) through the compiled template (transformers' path)."""
         # apply_chat_template's input preparation, in one pass: drop None-valued keys, rebuild from plain types, then
         # alias reasoning fields (a no-op unless a message has one, so it is skipped then).
         slow, reasoning = self._slow_plain, False
@@ -432,6 +469,35 @@ class PieceTokenizer:
                     np.asarray([a["id"]], dtype=np.int32),
                     np.asarray([[0, len(a["content"])]], dtype=np.int64),
                 )
+        self.words_re = self._words_re(spec) if self.piecewise and WORD_SPLIT else None
+        self.words: dict[str, list[str]] = {}  # piece -> its words (itself when it is not cut)
+
+    def _words_re(self, spec: dict[str, Any]) -> re.Pattern[str] | None:
+        """The GPT-2 pre-tokenizer split, for pieces of printable ASCII (+ tab, newline, carriage return) only, when
+        the tokenizer is exactly: no normaliser, a ByteLevel pre-tokenizer with its regex and no prefix space, BPE.
+
+        Such a tokenizer splits a piece with that regex and encodes each match (a word) on its own, so a piece's
+        tokens are its words' tokens one after the other, and each distinct word need be encoded once. On that
+        alphabet the classes of the Rust regex (\\p{L}, \\p{N}, \\s) are exactly [A-Za-z], [0-9], [\\t\\n\\r ]: no
+        Unicode-table difference between the two regex engines can arise. The Rust tokenizer itself is the check:
+        a probe of tricky text must encode the same both ways, else pieces are encoded whole."""
+        pre = spec.get("pre_tokenizer") or {}
+        if spec.get("normalizer") is not None or (spec.get("model") or {}).get("type") != "BPE":
+            return None
+        if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+            return None
+        words = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
+        probe = "It's  a\n\n test 123abc 'll'LL 're x'd \t\r\n  y!! ?? ..(a) {\"k\": [1, 2.5]}\n \n\n  z  "
+        whole = self.backend.encode(probe, add_special_tokens=False)
+        ids, offs, pos = [], [], 0
+        for w in words.findall(probe):
+            e = self.backend.encode(w, add_special_tokens=False)
+            ids += e.ids
+            offs += [(a + pos, b + pos) for a, b in e.offsets]
+            pos += len(w)
+        if pos != len(probe) or ids != whole.ids or offs != [tuple(o) for o in whole.offsets]:
+            return None
+        return words
 
     def _plain_path_reason(self, spec: dict[str, Any], added: list[dict[str, Any]]) -> str | None:
         """Why pieces between added tokens could encode differently alone than in context (None: they cannot)."""
@@ -472,15 +538,27 @@ class PieceTokenizer:
             return ids, offs.reshape(-1, 2), np.concatenate([[0], np.cumsum(lens)])
         if len(self.cache) > _PIECE_CACHE_MAX:
             self.cache.clear()
+        if len(self.words) > _PIECE_CACHE_MAX:
+            self.words.clear()
         cache, special = self.cache, self.special
         # Cut every text at its added tokens; number the batch's distinct pieces (a piece's code is its position in
         # `index`); all per-piece work below is then done once per distinct piece, and per-part work in numpy.
         split = self.split_re.split if self.split_re is not None else (lambda t: [t])
         rows = [split(t) for t in texts]
+        if self.words_re is not None:  # pieces of the safe alphabet cut further into their words (see _words_re)
+            words, unsafe, memo = self.words_re.findall, _UNSAFE_FOR_WORDS.search, self.words
+            for p in dict.fromkeys(chain.from_iterable(rows)):  # each distinct piece of the batch once
+                w = memo.get(p)
+                if w is None:  # first seen: its words (most pieces are one row's content, seen once)
+                    memo[p] = [p] if p in special or unsafe(p) else words(p)
+                elif len(w) > 1:  # seen again (a header, a tool list): encoded whole from now on, one part
+                    memo[p] = [p]
+            get = memo.__getitem__
+            rows = [list(chain.from_iterable(map(get, r))) or [""] for r in rows]
         parts = list(chain.from_iterable(rows))
-        index: dict[str, int] = {}
-        codes = np.fromiter(map(lambda p: index.setdefault(p, len(index)), parts), dtype=np.int64, count=len(parts))
-        uniq = list(index)
+        uniq = list(dict.fromkeys(parts))  # distinct pieces, in first-seen order
+        index = dict(zip(uniq, range(len(uniq))))
+        codes = np.fromiter(map(index.__getitem__, parts), dtype=np.int64, count=len(parts))
         missing = [p for p in uniq if p and p not in special and p not in cache]
         if missing:
             self._encode_new(missing)
@@ -602,5 +680,6 @@ def tokenize_conversations(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """A batch of conversations -> (input_ids per row, assistant mask per row), untruncated."""
     enc = encode_conversations(spec, tokenizer, messages, kwargs)
-    cuts = enc.row_offsets[1:-1]
-    return np.split(enc.ids, cuts), np.split(enc.masks, cuts)
+    bounds = enc.row_offsets.tolist()
+    ids, masks = enc.ids, enc.masks
+    return [ids[a:b] for a, b in zip(bounds, bounds[1:])], [masks[a:b] for a, b in zip(bounds, bounds[1:])]
