@@ -26,7 +26,7 @@ from sft_exp.config import RunConfig
 from sft_exp.data import packing as pk
 from sft_exp.data.mixture import select_mixture
 from sft_exp.data.sources import DataError, check_same_columns, fingerprint, load_source, row_problem
-from sft_exp.data.template import RenderSpec, row_kwargs, tokenize_conversations
+from sft_exp.data.template import RenderSpec, encode_conversations, row_kwargs
 from sft_exp.data.template_check import check_template, truncation_lines, truncation_report
 
 CACHE_VERSION = "2"
@@ -121,7 +121,11 @@ def _think_mode(spec: RenderSpec, messages: list[dict[str, Any]], kwargs: Any) -
 
 
 def _tokenize_fn(spec: RenderSpec, tokenizer: Any, name: str, drop_bad: bool):
-    def fn(batch: dict[str, list[Any]], idx: list[int]) -> dict[str, list[Any]]:
+    """The `Dataset.map` function: a batch of conversations -> an Arrow table built straight from the flat token and
+    mask arrays (zero-copy list columns; no per-row Python lists for datasets to convert) with per-row facts."""
+    import pyarrow as pa
+
+    def fn(batch: dict[str, list[Any]], idx: list[int]) -> pa.Table:
         kwargs = batch.get("chat_template_kwargs")
         keep_msgs, keep_kw, keep_idx = [], [], []
         for j, (i, msgs) in enumerate(zip(idx, batch["messages"])):
@@ -136,20 +140,35 @@ def _tokenize_fn(spec: RenderSpec, tokenizer: Any, name: str, drop_bad: bool):
             keep_msgs.append(msgs)
             keep_kw.append(kwargs[j] if kwargs is not None else None)
             keep_idx.append(i)
-        ids, masks = tokenize_conversations(spec, tokenizer, keep_msgs, keep_kw)
-        think = [_think_mode(spec, m, k) for m, k in zip(keep_msgs, keep_kw)]
+        enc = encode_conversations(spec, tokenizer, keep_msgs, keep_kw)
+        ids = np.ascontiguousarray(enc.ids, dtype=np.int32)
+        masks = np.ascontiguousarray(enc.masks, dtype=np.int8)
+        offsets = np.asarray(enc.row_offsets, dtype=np.int64)
+        starts, ends = offsets[:-1], offsets[1:]
+        lengths = ends - starts
         # Per-row facts stored beside the tokens, so selection, stats and checks never scan the token data.
-        trained = [int(m.sum()) for m in masks]
-        first = [int(np.argmax(m)) if t else len(m) for m, t in zip(masks, trained)]
-        return {
-            "row": keep_idx,
-            "input_ids": ids,
-            "assistant_masks": masks,
-            "think": think,
-            "length": [len(x) for x in ids],
-            "trained": trained,
-            "first_trained": first,
-        }
+        trained = np.add.reduceat(masks.astype(np.int64), starts) if len(ids) else np.zeros(len(starts), np.int64)
+        trained[lengths == 0] = 0  # reduceat gives the element at an empty row's start
+        has = trained > 0  # then the first marked token at or after the row's start lies inside the row
+        ones = np.flatnonzero(masks)
+        first = lengths.copy()
+        first[has] = ones[np.searchsorted(ones, starts[has])] - starts[has]
+        think = np.fromiter((_think_mode(spec, m, k) for m, k in zip(keep_msgs, keep_kw)), np.int64, len(keep_msgs))
+
+        def list_col(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
+            return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=value_type))
+
+        return pa.table(
+            {
+                "row": pa.array(np.asarray(keep_idx, dtype=np.int64)),
+                "input_ids": list_col(ids, pa.int32()),
+                "assistant_masks": list_col(masks, pa.int8()),
+                "think": pa.array(think),
+                "length": pa.array(lengths.astype(np.int64)),
+                "trained": pa.array(trained.astype(np.int64)),
+                "first_trained": pa.array(first.astype(np.int64)),
+            }
+        )
 
     return fn
 
