@@ -11,10 +11,14 @@ answer weighs more than a short one. This is TRL/transformers' `num_items_in_bat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from sft_exp import peft_setup
 from sft_exp.config import RunConfig, TrainConfig, check_sft_extra
@@ -260,9 +264,15 @@ def _eval_losses(trainer: Any, trained_tokens: dict[str, int]) -> dict[str, floa
 
 
 def _eval_when_training_model_ready(trainer: Any, evaluate: Any) -> None:
-    """Under DeepSpeed, run the pre-training eval inside train(), on the training engine, before the first step.
+    """Run the pre-training eval inside train(), on the model as wrapped for training, before the first step.
 
-    trainer.evaluate() before train() cannot work under DeepSpeed (transformers 5.24): without an engine,
+    trainer.evaluate() before train() silently breaks DDP (transformers 5.24 + accelerate 1.15): evaluation_loop
+    prepares the bare model with accelerator.prepare_model(evaluation_mode=True), which marks it
+    `_is_accelerate_prepared`; train()'s accelerator.prepare(model, optimizer) then returns it as is, never wrapped in
+    DistributedDataParallel, so gradients are not all-reduced and every rank trains on its own shard of the data
+    (found through a requeued Slurm job that resumed, without that eval, to other losses than the uninterrupted run).
+
+    It cannot work under DeepSpeed either: without an engine,
     evaluation_loop calls deepspeed_init(inference=True), which refuses ZeRO-1/2 ("ZeRO inference only makes sense
     with ZeRO Stage 3") and under ZeRO-3 builds an inference engine without optimizer (deleting the optimizer and
     scheduler sections of the DeepSpeed config on the way) and leaves it in trainer.model_wrapped / trainer.deepspeed.
@@ -279,7 +289,7 @@ def _eval_when_training_model_ready(trainer: Any, evaluate: Any) -> None:
 
     if not callable(getattr(Trainer, "_prepare_for_training", None)):
         raise RuntimeError(
-            "eval_before_train under DeepSpeed needs transformers' Trainer._prepare_for_training, which this "
+            "eval_before_train needs transformers' Trainer._prepare_for_training, which this "
             "transformers version does not have. Use eval_before_train=false, or a transformers version "
             "compatible with constraints-cpu.txt"
         )
@@ -303,6 +313,29 @@ def _train_losses(history: list[dict[str, Any]], names: list[str], which: int) -
             out[n] = vals[which]
     out["all"] = rows[which]["loss"]
     return out
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Leave the global RNGs (python, numpy, torch CPU and CUDA) as they were: the block is RNG-neutral.
+
+    The eval before training draws from torch's global RNG (each DataLoader iterator draws a base seed), and the
+    training data order is then drawn after it. A resumed run skips that eval, so without this it would draw a
+    different order than the uninterrupted run (exact resume broken whenever eval_before_train is on)."""
+    import random
+
+    import torch
+
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def run_training(
@@ -353,17 +386,15 @@ def run_training(
     before: dict[str, float] = {}
 
     def eval_before() -> None:
-        before.update(_eval_losses(trainer, data.eval_trained_tokens))
+        with rng_preserved():  # see rng_preserved: a resumed run, which skips this eval, must train the same
+            before.update(_eval_losses(trainer, data.eval_trained_tokens))
         if before and is_main_process():
             write_json(before_file, before)
 
     if resume_from is not None:
         before.update(json.loads(before_file.read_text()) if before_file.exists() else {})
     elif has_eval and run.eval_before_train:
-        if trainer.is_deepspeed_enabled:
-            _eval_when_training_model_ready(trainer, eval_before)
-        else:
-            eval_before()
+        _eval_when_training_model_ready(trainer, eval_before)  # inside train(): why, see there
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     if stopper.stopped:
         ckpt = Path(run_dir) / f"checkpoint-{stopper.step}"

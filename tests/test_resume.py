@@ -155,14 +155,19 @@ def _kill_after_checkpoint(proc: subprocess.Popen, runs: Path, step: int, sig: i
 
 
 @pytest.mark.slow
+def _with_eval_before(args: list[str]) -> list[str]:
+    """The default eval_before_train=true: the resumed run skips that eval and must still train the same."""
+    return [a for a in args if a != "eval_before_train=false"]
+
+
 def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path: Path, shared_cache: Path) -> None:
-    ref = launch(checkpointed_run_args(shared_cache, f"{tmp_path}/ref"), cwd=tmp_path)
+    ref = launch(_with_eval_before(checkpointed_run_args(shared_cache, f"{tmp_path}/ref")), cwd=tmp_path)
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
     want = _losses(tmp_path / "ref")
     assert sorted(want) == list(range(1, 9))
 
     runs = tmp_path / "runs"
-    args = checkpointed_run_args(shared_cache, f"{runs}/${{now:%H-%M-%S-%f}}")
+    args = _with_eval_before(checkpointed_run_args(shared_cache, f"{runs}/${{now:%H-%M-%S-%f}}"))
     # 1. SIGKILL after checkpoint-2: nothing can be saved; the last complete checkpoint is what is left.
     proc = _start(args, tmp_path)
     _kill_after_checkpoint(proc, runs, 2, signal.SIGKILL)
