@@ -206,6 +206,13 @@ def make_trainer_class() -> type:
             # transformers 5: wraps the model (DeepSpeed engine, DDP), creates optimizer and scheduler, loads a
             # checkpoint; on_train_begin and the train_runtime clock come after it.
             prepared = super()._prepare_for_training(*args, **kwargs)
+            plain_multi_rank = self.args.world_size > 1 and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+            if plain_multi_rank and not isinstance(self.model_wrapped, torch.nn.parallel.DistributedDataParallel):
+                # Never train ranks that do not all-reduce their gradients (see _eval_when_training_model_ready).
+                raise RuntimeError(
+                    f"{self.args.world_size} ranks but the model is not wrapped in DistributedDataParallel "
+                    f"({type(self.model_wrapped).__name__}): gradients would not be synchronised"
+                )
             hook, self.on_training_model_ready = self.on_training_model_ready, None
             if hook is not None:
                 hook()
