@@ -46,7 +46,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 TSV = REPO / "bench" / "data" / "smoltalk2_sft_split_stats.tsv"
 
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0}
 TARGET_TOKENS_PER_S, TARGET_MFU = 16_000, 0.40
 
 
@@ -273,6 +272,7 @@ def main() -> None:
 
     from sft_exp.attention import available as varlen_available
     from sft_exp.attention import register
+    from sft_exp.tracking import peak_tflops
 
     started = time.perf_counter()
     register()
@@ -305,7 +305,7 @@ def main() -> None:
     model.train()
     args.n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name.upper()), None)
+    peak = peak_tflops(None) if cuda else None  # the card's dense bf16 datasheet figure (sft_exp.tracking)
     measured = matmul_tflops(args.device)
     print(
         f"# gpu_throughput: {name}, torch {torch.__version__}, model {cfg.num_hidden_layers} layers "

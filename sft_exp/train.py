@@ -289,8 +289,8 @@ def _eval_when_training_model_ready(trainer: Any, evaluate: Any) -> None:
 
     Here the eval runs once the Trainer has built the training engine (the same forward every mid-training eval
     uses), before on_train_begin and the train_runtime clock, so runtime and tokens/s cover training only. Its log row
-    is logged as before (callbacks, trackers at step 0) and then dropped from the training state, as the state reset
-    at the start of train() drops it for single/DDP: trainer_state.json stays the same across strategies.
+    is logged (callbacks, trackers at step 0) and then dropped from the training state, so trainer_state.json holds
+    the training history only, as when the eval ran before train() (whose state reset dropped it).
     """
     from transformers import Trainer
 
