@@ -86,7 +86,7 @@ class TrainOn(str, Enum):
 class DistStrategy(str, Enum):
     single = "single"  # one process, no process group
     ddp = "ddp"  # torch DistributedDataParallel (gloo on CPUs, nccl on GPUs)
-    fsdp = "fsdp"  # FSDP2 through accelerate; GPUs only (on a CPU the Trainer would silently run DDP)
+    fsdp = "fsdp"  # FSDP2 (torch fully_shard) through accelerate; on GPUs, and on CPU ranks over gloo
     zero2 = "zero2"  # DeepSpeed ZeRO stage 2
     zero3 = "zero3"  # DeepSpeed ZeRO stage 3 (the recipe's: zero3 init, 16-bit model save)
     zero3_offload = "zero3_offload"  # ZeRO-3 with parameters and optimizer state offloaded to CPU memory
@@ -435,6 +435,13 @@ def validate_distributed_and_resume(cfg: RunConfig) -> None:
         _fail("distributed.deepspeed", f"is set but distributed.strategy={d.strategy.value}", "Use distributed=zero3")
     if d.fsdp and d.strategy != DistStrategy.fsdp:
         _fail("distributed.fsdp", f"is set but distributed.strategy={d.strategy.value}", "Use distributed=fsdp")
+    if d.strategy == DistStrategy.fsdp and str(d.fsdp.get("version", 1)) != "2":
+        # FSDP1 is deprecated in torch and accelerate, and cannot run on CPU ranks (sft_exp.distributed).
+        _fail(
+            "distributed.fsdp.version",
+            f"is {d.fsdp.get('version', '<absent>')}: sft-exp runs FSDP2 only",
+            "Use distributed=fsdp (version: 2) or distributed.fsdp.version=2",
+        )
     if d.master_port and not 1024 <= d.master_port <= 65535:
         _fail("distributed.master_port", f"{d.master_port} is not a port in 1024-65535", "Use 0 to pick a free one")
     if d.timeout_minutes < 1:

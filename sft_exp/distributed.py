@@ -49,18 +49,13 @@ def cpu_cores() -> int:
 
 
 def check_devices(run: RunConfig, processes_here: int) -> None:
-    """Refuse what would otherwise run wrongly or silently differently: FSDP or nccl without GPUs (the Trainer would
-    fall back to plain DDP), DeepSpeed not installed, attention kernels or liger that cannot run here, more processes on
-    this node than devices."""
+    """Refuse what would otherwise run wrongly or silently differently: nccl without GPUs, DeepSpeed not installed,
+    attention kernels or liger that cannot run here, more processes on this node than devices. (FSDP on CPU ranks runs
+    for real: see enable_fsdp_on_cpu.)"""
     import torch
 
     d = run.distributed
     cuda = torch.cuda.is_available()
-    if d.strategy == DistStrategy.fsdp and not cuda:
-        raise ConfigError(
-            "distributed.strategy: fsdp needs CUDA GPUs, and this machine has none: the Trainer would silently run "
-            "plain DDP instead. Use distributed=ddp or distributed=zero3 (both run on CPUs)"
-        )
     if d.backend == DistBackend.nccl and not cuda:
         raise ConfigError("distributed.backend: nccl needs CUDA GPUs. Use distributed.backend=gloo (or auto)")
     if d.strategy.value.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
@@ -106,6 +101,33 @@ def trainer_kwargs(run: RunConfig) -> dict[str, Any]:
         kw["fsdp"] = True
         kw["fsdp_config"] = copy.deepcopy(dict(d.fsdp))
     return kw
+
+
+def enable_fsdp_on_cpu(accelerator: Any, plugin_args: dict[str, Any]) -> bool:
+    """Turn an Accelerator made for CPU ranks (gloo) into an FSDP2 one: accelerate (1.x) only honours an FSDP plugin
+    on accelerator devices and otherwise drops it, so the Trainer would train plain DDP under the name FSDP. Torch's
+    fully_shard itself runs on a CPU mesh over gloo, and everything after this (accelerate's fsdp2_prepare_model,
+    sharded checkpoints through torch.distributed.checkpoint, the gathered final save) is the code path GPUs take.
+    Returns True once the state says FSDP."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.NO) or state.device.type != "cpu":
+        raise ConfigError(
+            f"distributed.strategy: fsdp, but accelerate set up {state.distributed_type} on {state.device} "
+            "without FSDP. Check the accelerate config/environment (ACCELERATE_* variables) of this run"
+        )
+    plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    if plugin.fsdp_version != 2:
+        raise ConfigError("distributed.fsdp.version: only FSDP2 (version: 2) runs on CPU ranks. Use version: 2")
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    # The same two writes AcceleratorState.__init__ makes when it accepts the plugin on a GPU.
+    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return accelerator.distributed_type == DistributedType.FSDP and accelerator.is_fsdp2
 
 
 def init_process_group(run: RunConfig) -> None:

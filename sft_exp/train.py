@@ -174,6 +174,15 @@ def make_trainer_class() -> type:
             base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             base.register_forward_hook(self._grab_output)
 
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+                # accelerate drops the FSDP plugin on CPU ranks (MULTI_CPU), and the Trainer would then run plain
+                # DDP without a word; sft_exp.distributed runs real FSDP2 there instead.
+                from sft_exp.distributed import enable_fsdp_on_cpu
+
+                self.is_fsdp_enabled = enable_fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args)
+
         def _grab_output(self, module: Any, args: Any, output: Any) -> None:
             self._last_out = output
 
@@ -345,6 +354,20 @@ def rng_preserved() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
+def save_final_model(trainer: Any, out: str) -> None:
+    """The trained model as one from_pretrained folder. Under FSDP with sharded checkpoints (state_dict_type
+    SHARDED_STATE_DICT, what distributed=fsdp uses to keep checkpoints fast) transformers' save_model writes nothing
+    at all, so the shards are gathered here into a full state dict (every rank takes part; rank 0 writes)."""
+    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+        state = trainer.accelerator.get_state_dict(trainer.model)
+        # The gathered copies no longer share storage, so save_pretrained would write tied weights twice (the
+        # embedding again as lm_head): leave out the targets the model ties (from_pretrained re-ties them).
+        tied = getattr(trainer.accelerator.unwrap_model(trainer.model), "all_tied_weights_keys", None) or {}
+        trainer._save(out, state_dict={k: v for k, v in state.items() if k not in tied})
+    else:
+        trainer.save_model(out)
+
+
 def run_training(
     run: RunConfig,
     model: Any,
@@ -408,7 +431,7 @@ def run_training(
         raise Interrupted(stopper.stopped, stopper.step, ckpt if ckpt.is_dir() else None)
     after = _eval_losses(trainer, data.eval_trained_tokens) if has_eval else {}
     with save_guard("final model save", Path(run_dir), Path(run_dir)):  # a failed write: SaveFailed, no metrics.json
-        trainer.save_model(str(run_dir))
+        save_final_model(trainer, str(run_dir))
         trainer.save_state()
         peft_info = adapter.finish(trainer, tokenizer)  # peft.merge=true: <run_dir>/merged/
 

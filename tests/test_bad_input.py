@@ -40,7 +40,10 @@ CASES = {
         ["distributed=ddp", "distributed.processes_per_node=64"],
         "distributed.processes_per_node: 64 processes on this node but it has",
     ),
-    "fsdp where the Trainer would silently run DDP": (["distributed=fsdp"], "fsdp needs CUDA GPUs"),
+    "fsdp1, which cannot run on CPU ranks": (
+        ["distributed=fsdp", "distributed.fsdp.version=1"],
+        "distributed.fsdp.version: is 1: sft-exp runs FSDP2 only",
+    ),
     "attention that would cross packed sequences": (
         ["model.attn_implementation=paged_attention"],
         "expected one of [sdpa, eager, flex_attention, flash_attention_2",

@@ -1,14 +1,15 @@
 """Several processes for real on this CPU: 2-rank DDP (gloo), DeepSpeed ZeRO-3 against it, and what is refused.
 
 `python launch.py distributed=ddp` composes once, freezes one run directory and spawns the ranks, which read the frozen
-config from it; only rank 0 writes. FSDP on a CPU (the Trainer would silently run DDP) and more processes than
-devices are refused before a run directory exists.
+config from it; only rank 0 writes. FSDP2 runs for real on CPU ranks (where the Trainer alone would silently run DDP),
+checked against DDP; more processes than devices are refused before a run directory exists.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -68,13 +69,12 @@ def losses(state_file: Path) -> dict[int, float]:
 @pytest.mark.parametrize(
     "overrides,needle",
     [
-        (["distributed=fsdp"], "fsdp needs CUDA GPUs"),
         (["distributed=ddp", f"distributed.processes_per_node={cpu_cores() + 1}"], "CPU cores and no GPU"),
         (["distributed=ddp", "distributed.nodes=2"], "nodes need Slurm"),
         (["distributed=ddp", "distributed.backend=nccl"], "nccl needs CUDA GPUs"),
         (["distributed.strategy=zero3"], "distributed.deepspeed.zero_optimization.stage"),
     ],
-    ids=["fsdp-on-cpu", "more-processes-than-devices", "nodes-without-slurm", "nccl-on-cpu", "zero3-without-config"],
+    ids=["more-processes-than-devices", "nodes-without-slurm", "nccl-on-cpu", "zero3-without-config"],
 )
 def test_what_would_run_wrongly_is_refused_before_anything_runs(
     overrides: list[str], needle: str, tmp_path: Path
@@ -157,6 +157,49 @@ def test_zero3_evaluates_and_trains_like_ddp_and_sigusr1_stops_every_rank_with_a
     assert sorted(got) == list(range(1, step + 1))
     for s, loss in got.items():
         assert abs(loss - want[s]) <= 1e-5, (s, loss, want[s])
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_for_real_on_cpu_ranks_trains_like_ddp_saves_one_model_and_resumes(
+    tmp_path: Path, shared_cache: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    ddp = ddp_reference(shared_cache)
+    run_dir = tmp_path / "run"
+    args = [*dist_args(shared_cache, str(run_dir)), "distributed=fsdp"]
+    r = launch(args, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    # FSDP2 really sharded (accelerate alone would have run DDP here): every checkpoint holds the model and the
+    # optimizer state as torch.distributed.checkpoint shards, one per rank.
+    for ckpt in sorted(run_dir.glob("checkpoint-*")):
+        for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+            assert sorted(p.name for p in (ckpt / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"], ckpt
+    want, got = losses(ddp / "trainer_state.json"), losses(run_dir / "trainer_state.json")
+    assert sorted(got) == list(range(1, 9))
+    for s, loss in got.items():
+        assert abs(loss - want[s]) <= 1e-5, (s, loss, want[s])
+    m, m_ddp = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, ddp))
+    assert m["world_size"] == 2
+    for key in ("eval_loss_before", "eval_loss_after"):
+        for src, loss in m_ddp[key].items():
+            assert abs(m[key][src] - loss) <= 1e-5, (key, src, m[key][src], loss)
+    # The final model gathered from the shards (transformers writes none with sharded checkpoints), tied weights once.
+    final, final_ddp = load_file(run_dir / "model.safetensors"), load_file(ddp / "model.safetensors")
+    assert sorted(final) == sorted(final_ddp)
+    assert max(float((final[k] - final_ddp[k]).abs().max()) for k in final) < 1e-5
+
+    # Resume from a sharded checkpoint (a copy of the run cut back to checkpoint-4): the same losses and model.
+    cut = tmp_path / "cut"
+    shutil.copytree(run_dir, cut)
+    for p in ("checkpoint-6", "checkpoint-8", "metrics.json", "model.safetensors", "trainer_state.json"):
+        shutil.rmtree(cut / p) if (cut / p).is_dir() else (cut / p).unlink()
+    r = launch([*args[1:], f"resume={cut}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "from checkpoint-4" in r.stdout + r.stderr
+    assert losses(cut / "trainer_state.json") == got
+    resumed = load_file(cut / "model.safetensors")
+    assert all(bool((resumed[k] == final[k]).all()) for k in final)
 
 
 # ------------------------------------------------------------------------------------------------ a rank that fails
