@@ -97,7 +97,20 @@ EXPLICIT_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"} 
     "deepspeed",
     "fsdp",
     "fsdp_config",
+    "activation_checkpointing",  # train.gradient_checkpointing, under its transformers >= 5.2x name
 }
+
+# transformers (5.2x) renamed gradient_checkpointing* to activation_checkpointing* and warns on the old names (gone in
+# v6). The config keeps the name the recipe and TRL's docs use; the Trainer gets whichever name it has.
+_CHECKPOINTING_RENAMES = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def _trainer_name(key: str, fields: set[str]) -> str:
+    new = _CHECKPOINTING_RENAMES.get(key)
+    return new if new is not None and new in fields else key
 
 
 def build_sft_config(run: RunConfig, output_dir: str) -> Any:
@@ -107,7 +120,8 @@ def build_sft_config(run: RunConfig, output_dir: str) -> Any:
     from sft_exp.distributed import trainer_kwargs
 
     t = run.train
-    check_sft_extra(t.extra, {f.name for f in dataclasses.fields(SFTConfig)}, EXPLICIT_FIELDS)
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    check_sft_extra(t.extra, fields, EXPLICIT_FIELDS)
     return SFTConfig(
         output_dir=output_dir,
         learning_rate=t.learning_rate,
@@ -125,7 +139,7 @@ def build_sft_config(run: RunConfig, output_dir: str) -> Any:
         seed=t.seed,
         data_seed=t.seed,
         bf16=t.bf16,
-        gradient_checkpointing=t.gradient_checkpointing,
+        **{_trainer_name("gradient_checkpointing", fields): t.gradient_checkpointing},
         save_strategy=t.save_strategy,
         save_steps=t.save_steps,
         # sft_exp.checkpoints rotates instead (train.save_total_limit): the Trainer's rotation counts half-written
@@ -150,7 +164,7 @@ def build_sft_config(run: RunConfig, output_dir: str) -> Any:
         dataset_kwargs={"skip_prepare_dataset": True},
         # Keep seq_lengths / seq_sources for the collator.
         remove_unused_columns=False,
-        **dict(t.extra),
+        **{_trainer_name(k, fields): v for k, v in t.extra.items()},
     )
 
 
@@ -331,6 +345,20 @@ def _train_losses(history: list[dict[str, Any]], names: list[str], which: int) -
     return out
 
 
+def _mean_train_loss(history: list[dict[str, Any]], fallback: float) -> float:
+    """Mean training loss over every step of the run, from the logged losses (each the mean of its logging window),
+    so that a resumed run reports the whole run as the uninterrupted one does; the Trainer's own figure covers only
+    the steps of this process (0.0 when a resume had nothing left to train)."""
+    total = steps = 0.0
+    prev = 0
+    for h in history:
+        if "loss" in h and "eval_loss" not in h and "step" in h:
+            total += float(h["loss"]) * (h["step"] - prev)
+            steps += h["step"] - prev
+            prev = h["step"]
+    return total / steps if steps > 0 else fallback
+
+
 @contextlib.contextmanager
 def rng_preserved() -> Iterator[None]:
     """Leave the global RNGs (python, numpy, torch CPU and CUDA) as they were: the block is RNG-neutral.
@@ -445,7 +473,7 @@ def run_training(
         "train_loss_last": _train_losses(history, data.source_names, -1),
         "eval_loss_before": before,
         "eval_loss_after": after,
-        "train_loss_mean": round(float(result.training_loss), 6),
+        "train_loss_mean": round(_mean_train_loss(history, float(result.training_loss)), 6),
         "global_steps": int(trainer.state.global_step),
         "train_runtime_seconds": round(runtime, 2),
         "train_tokens_seen": seen,
@@ -453,7 +481,7 @@ def run_training(
         "trained_tokens": int(by_source.sum()),
         "trained_tokens_per_source": {n: int(v) for n, v in zip(data.source_names, by_source.tolist())},
         "packing_efficiency": data.stats["packing"]["efficiency"],
-        # After a resume, train_loss_mean and the token counts cover the resumed steps only (the Trainer's own
+        # After a resume the token counts cover the resumed steps only (the Trainer's own
         # accounting); the loss history in trainer_state.json is complete.
         "resumed_from": Path(resume_from).name if resume_from is not None else None,
         "world_size": int(args.world_size),

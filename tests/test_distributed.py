@@ -198,6 +198,8 @@ def test_fsdp2_shards_for_real_on_cpu_ranks_trains_like_ddp_saves_one_model_and_
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "from checkpoint-4" in r.stdout + r.stderr
     assert losses(cut / "trainer_state.json") == got
+    m_cut = json.loads((cut / "metrics.json").read_text())
+    assert m_cut["resumed_from"] == "checkpoint-4" and m_cut["train_loss_mean"] == m["train_loss_mean"]  # whole run
     resumed = load_file(cut / "model.safetensors")
     assert all(bool((resumed[k] == final[k]).all()) for k in final)
 

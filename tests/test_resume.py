@@ -354,3 +354,19 @@ def test_a_rank_whose_save_fails_is_reported_without_the_other_ranks_tracebacks(
     logs = {n: (run_dir / "logs" / f"rank{n}.log").read_text() for n in (0, 1)}
     assert "Traceback" in logs[0] and "[rank 1] error: checkpoint-1 save failed" in logs[1]
     assert not is_complete(run_dir / "checkpoint-1") and not (run_dir / "metrics.json").exists()
+
+
+def test_mean_train_loss_covers_every_logged_window_of_the_run() -> None:
+    from sft_exp.train import _mean_train_loss
+
+    # logging_steps=3 over 7 steps: windows of 1 (logging_first_step), 2, 3 and a last one of 1; eval rows ignored.
+    history = [
+        {"step": 1, "loss": 4.0},
+        {"step": 3, "loss": 2.0},
+        {"step": 3, "eval_loss": 9.0},
+        {"step": 6, "loss": 1.0},
+        {"step": 7, "loss": 5.0},
+        {"step": 7, "train_runtime": 1.0},
+    ]
+    assert _mean_train_loss(history, fallback=-1.0) == (4.0 + 2 * 2.0 + 3 * 1.0 + 5.0) / 7
+    assert _mean_train_loss([], fallback=-1.0) == -1.0  # nothing logged: the Trainer's figure
