@@ -116,9 +116,10 @@ def model_config(tiny: bool) -> Any:
 
 
 def model_flops(n_params: int, cfg: Any, seqs: list[int]) -> float:
-    d_attn = cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads)
-    attn = 6 * cfg.num_hidden_layers * d_attn * sum(s * (s + 1) for s in seqs)
-    return 6 * n_params * sum(seqs) + attn
+    from sft_exp.tracking import attention_width, train_flops
+
+    pairs = sum(s * (s + 1) for s in seqs)
+    return train_flops(n_params, cfg.num_hidden_layers, attention_width(cfg), sum(seqs), pairs)
 
 
 def matmul_tflops(device: str) -> float | None:

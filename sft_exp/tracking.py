@@ -313,9 +313,28 @@ def start(run: RunConfig, run_dir: Path, stats: dict[str, Any] | None = None) ->
     return tracker
 
 
+# ------------------------------------------------------------------------------------------------------ FLOPs
+def attention_width(config: Any) -> int:
+    """n_heads x head_dim: the width the attention scores and values are computed at."""
+    heads = int(config.num_attention_heads)
+    return heads * int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
+def train_flops(n_params: int, n_layers: int, d_attn: int, tokens: float, attention_pairs: float) -> float:
+    """Training FLOPs (forward + backward) of a causal LM over document-masked sequences:
+    6 * N * tokens (every weight: 2 FLOPs per token forward, 4 backward) + 6 * n_layers * d_attn * sum s * (s + 1)
+    (QK^T and AV over the s (s + 1) / 2 causal pairs of each sequence, 2 x 2 FLOPs each, times 3 for the backward);
+    attention_pairs is that sum over the sequences. The formula of bench/gpu_throughput.py."""
+    return 6.0 * n_params * tokens + 6.0 * n_layers * d_attn * attention_pairs
+
+
 # ------------------------------------------------------------------------------------------------------ callback
-def make_callback(tracker: Tracker, peak: float | None = None) -> Any:
-    """A transformers TrainerCallback that forwards the trainer's logs, adding tokens/s and (on a GPU) MFU."""
+def make_callback(tracker: Tracker, peak: float | None = None, flops_window: dict[str, float] | None = None) -> Any:
+    """A transformers TrainerCallback that forwards the trainer's logs, adding tokens/s and (on a GPU) MFU.
+
+    flops_window: filled by the trainer at each training log with "attention_pairs", the sum of s * (s + 1) over the
+    sequences all ranks trained on since the previous log (without it, MFU leaves the attention term out)."""
+    window = flops_window if flops_window is not None else {}
     from transformers import TrainerCallback
 
     class TrackingCallback(TrainerCallback):
@@ -323,6 +342,7 @@ def make_callback(tracker: Tracker, peak: float | None = None) -> Any:
             self.t0 = time.perf_counter()
             self.tokens0 = 0.0
             self.n_params = 0
+            self.n_layers = self.d_attn = 0
             self.world = 1
             self.mfu: list[float] = []
 
@@ -330,7 +350,12 @@ def make_callback(tracker: Tracker, peak: float | None = None) -> Any:
             self.t0 = time.perf_counter()
             self.world = max(1, int(getattr(args, "world_size", 1)))
             if model is not None:
-                self.n_params = sum(p.numel() for p in model.parameters())
+                from sft_exp.peft_setup import count_parameters  # ZeRO-3 partitions (numel() 0) counted too
+
+                self.n_params = count_parameters(model)[1]
+                cfg = getattr(model, "config", None)
+                if cfg is not None and hasattr(cfg, "num_attention_heads"):
+                    self.n_layers, self.d_attn = int(cfg.num_hidden_layers), attention_width(cfg)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if not state.is_world_process_zero or not logs:
@@ -344,8 +369,11 @@ def make_callback(tracker: Tracker, peak: float | None = None) -> Any:
                     tps = (tokens - self.tokens0) / (now - self.t0)
                     metrics["train/tokens_per_second"] = round(tps, 1)
                     if peak and self.n_params:
-                        # Model FLOPs (6 x params per token, attention excluded) over the accelerators' peak.
-                        mfu = 6 * self.n_params * tps / self.world / (peak * 1e12)
+                        # Model FLOPs (train_flops: weights and causal document-masked attention) over the peak of
+                        # all the ranks' accelerators.
+                        pairs = window.pop("attention_pairs", 0.0)
+                        flops = train_flops(self.n_params, self.n_layers, self.d_attn, tokens - self.tokens0, pairs)
+                        mfu = flops / (now - self.t0) / self.world / (peak * 1e12)
                         metrics["train/mfu"] = round(mfu, 4)
                         self.mfu.append(mfu)
                 self.t0, self.tokens0 = now, tokens

@@ -77,6 +77,26 @@ class PackedCollator:
         }
 
 
+def attention_pairs(inputs: dict[str, Any]) -> float:
+    """Sum over the batch's sequences of s * (s + 1): the attention term of the training FLOPs
+    (6 * n_layers * d_attn * this, causal, document-masked; sft_exp.tracking.train_flops). Padded batches: one sequence
+    per row, its attention_mask length; padding-free ones: the sequences the position ids restart at 0 for."""
+    import torch
+
+    if inputs.get("attention_mask") is not None:
+        lens = inputs["attention_mask"].sum(-1).reshape(-1)
+    elif inputs.get("position_ids") is not None:
+        pos = inputs["position_ids"].reshape(-1)
+        starts = torch.nonzero(pos == 0).reshape(-1)
+        ends = torch.cat([starts[1:], torch.tensor([pos.numel()], device=pos.device)])
+        lens = ends - starts
+    else:
+        ids = inputs["input_ids"]
+        lens = torch.full((ids.shape[0],), ids.shape[-1], device=ids.device)
+    lens = lens.double()
+    return float((lens * (lens + 1)).sum())
+
+
 # ------------------------------------------------------------------------------------------------------ SFTConfig
 # SFTConfig fields sft-exp sets itself (from train.* or from other groups); train.extra may not set them.
 EXPLICIT_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"} | {
@@ -175,12 +195,18 @@ def make_trainer_class() -> type:
     from trl import SFTTrainer
 
     class SourceAwareSFTTrainer(SFTTrainer):
-        def __init__(self, *args: Any, source_names: list[str], **kwargs: Any) -> None:
+        def __init__(
+            self, *args: Any, source_names: list[str], flops_window: dict[str, float] | None = None, **kwargs: Any
+        ) -> None:
             super().__init__(*args, **kwargs)
             self.source_names = source_names
             self._src_sum = torch.zeros(len(source_names), dtype=torch.float64)
             self._src_cnt = torch.zeros(len(source_names), dtype=torch.float64)
             self.trained_tokens_by_source = torch.zeros(len(source_names), dtype=torch.float64)  # whole run, this rank
+            # sum of s * (s + 1) over the trained sequences since the last log, this rank; summed over the ranks into
+            # flops_window["attention_pairs"] when logging, where sft_exp.tracking's MFU reads it
+            self._attn_pairs = 0.0
+            self.flops_window: dict[str, float] = flops_window if flops_window is not None else {}
             self._last_out: Any = None
             self._eval_prefix: str | None = None
             # Run once by train() as soon as the training model exists, before the first step (see run_training).
@@ -212,6 +238,8 @@ def make_trainer_class() -> type:
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
             source_ids = inputs.pop("source_ids", None)
             self._last_out = None
+            if self.model.training:
+                self._attn_pairs += attention_pairs(inputs)
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             out = self._last_out
             if self.model.training and source_ids is not None and getattr(out, "log_probs", None) is not None:
@@ -271,6 +299,9 @@ def make_trainer_class() -> type:
                         logs[f"loss_{name}"] = round(float(sums[i] / cnts[i]), 6)
                 self._src_sum.zero_()
                 self._src_cnt.zero_()
+                pairs = torch.tensor([self._attn_pairs], dtype=torch.float64, device=self.accelerator.device)
+                self.flops_window["attention_pairs"] = float(self.accelerator.reduce(pairs, reduction="sum").item())
+                self._attn_pairs = 0.0
             if not self.model.training and self._eval_prefix and self._eval_prefix != "eval":
                 # TRL logs its eval extras (entropy, token accuracy) without the dataset name; add it.
                 name = self._eval_prefix.removeprefix("eval_")
@@ -421,8 +452,10 @@ def run_training(
     adapter = peft_setup.setup(run, model, tokenizer, run_dir)
     ckpt_callbacks, stopper = make_callbacks(run.train.save_total_limit)
     padding_free = run.packing.enabled and run.packing.strategy.value != "none"
+    flops_window: dict[str, float] = {}  # the trainer's attention FLOP count, read by the tracking callback's MFU
     trainer = make_trainer_class()(
         model=model,
+        flops_window=flops_window,
         args=args,
         data_collator=PackedCollator(tokenizer.pad_token_id, padding_free=padding_free),
         train_dataset=data.train,
@@ -433,7 +466,7 @@ def run_training(
         # tracking=wandb|tensorboard: logs forwarded with tokens/s and MFU (sft_exp.tracking); none adds nothing.
         callbacks=ckpt_callbacks
         + (
-            [make_callback(tracker, peak_tflops(run.tracking.peak_tflops))]
+            [make_callback(tracker, peak_tflops(run.tracking.peak_tflops), flops_window)]
             if tracker is not None and tracker.backend != "none"
             else []
         ),

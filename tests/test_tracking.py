@@ -26,6 +26,32 @@ def test_flatten_rename_and_summary_keys() -> None:
     assert s == {"final/eval_loss/arith": 1.0, "final/eval_loss/all": 1.1, "final/tokens_per_second": 10.0}
 
 
+def test_training_flops_count_weights_and_the_causal_attention_of_each_packed_sequence() -> None:
+    import torch
+
+    from sft_exp.peft_setup import count_parameters
+    from sft_exp.tracking import train_flops
+    from sft_exp.train import PackedCollator, attention_pairs
+
+    # two packed rows of sequences 3+2 and 4 tokens, padding-free: one flat row, positions restart per sequence
+    rows = [
+        {"input_ids": [1] * 5, "assistant_masks": [1] * 5, "seq_lengths": [3, 2], "seq_sources": [0, 1]},
+        {"input_ids": [1] * 4, "assistant_masks": [1] * 4, "seq_lengths": [4], "seq_sources": [0]},
+    ]
+    want = 3 * 4 + 2 * 3 + 4 * 5
+    assert attention_pairs(PackedCollator(0)(rows)) == want
+    padded = PackedCollator(0, padding_free=False)(
+        [rows[1], {**rows[1], "input_ids": [1, 1], "seq_lengths": [2], "assistant_masks": [1, 1]}]
+    )
+    assert attention_pairs(padded) == 4 * 5 + 2 * 3  # the real lengths, not the padded width
+    # 6 N per token + 6 L d_attn sum s(s+1): e.g. N=10, 9 tokens, L=2, d=8
+    assert train_flops(10, 2, 8, 9, want) == 6 * 10 * 9 + 6 * 2 * 8 * want
+    lin = torch.nn.Linear(3, 2)
+    lin.weight.ds_numel = 6  # a ZeRO-3 partitioned parameter: numel() 0 on this rank, its size in ds_numel
+    lin.weight.data = torch.empty(0)
+    assert count_parameters(lin)[1] == 6 + 2  # what MFU counts (it used p.numel(): 0 under ZeRO-3)
+
+
 def test_report_to_wandb_is_refused_in_favour_of_the_tracking_group() -> None:
     with pytest.raises(ConfigError, match=r"train.report_to: asks transformers for \['wandb'\].*tracking=wandb"):
         validate(to_run_config(compose(["train.report_to=[wandb]"])))
@@ -154,12 +180,18 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path: Path, fast_args: l
 def test_tensorboard_run_writes_scalars_config_and_mixture(tmp_path: Path, fast_args: list[str]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    r = launch([*small(fast_args, 2), "tracking=tensorboard"], cwd=tmp_path)
+    # A made-up peak of 1 GFLOP/s so that this CPU run logs an MFU (on a GPU the card's datasheet peak is used).
+    r = launch([*small(fast_args, 2), "tracking=tensorboard", "tracking.peak_tflops=0.001"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     ea = EventAccumulator(str(tmp_path / "run/tensorboard"))
     ea.Reload()
     scalars = set(ea.Tags()["scalars"])
-    assert {"train/loss", "train/tokens_per_second", "eval/arith_loss", "packing/efficiency"} <= scalars
+    assert {"train/loss", "train/tokens_per_second", "train/mfu", "eval/arith_loss", "packing/efficiency"} <= scalars
+    # MFU counts the attention of the packed sequences on top of 6 N per token: above the weights-only figure
+    n_params = json.loads((tmp_path / "run/metrics.json").read_text())["total_parameters"]
+    for tps, mfu in zip(ea.Scalars("train/tokens_per_second"), ea.Scalars("train/mfu")):
+        weights_only = 6 * n_params * tps.value / 1e9
+        assert weights_only < mfu.value < 1.5 * weights_only, (tps.value, mfu.value, weights_only)
     assert [e.step for e in ea.Scalars("eval/arith_loss")] == [0, 2]
     assert [e.step for e in ea.Scalars("train/loss")] == [1, 2]
     texts = {t for t in ea.Tags().get("tensors", [])}
