@@ -435,6 +435,13 @@ def validate_distributed_and_resume(cfg: RunConfig) -> None:
         _fail("distributed.deepspeed", f"is set but distributed.strategy={d.strategy.value}", "Use distributed=zero3")
     if d.fsdp and d.strategy != DistStrategy.fsdp:
         _fail("distributed.fsdp", f"is set but distributed.strategy={d.strategy.value}", "Use distributed=fsdp")
+    if d.strategy == DistStrategy.fsdp and d.fsdp.get("activation_checkpointing") and cfg.train.gradient_checkpointing:
+        # transformers refuses both (a traceback in every rank); say it before anything starts.
+        _fail(
+            "distributed.fsdp.activation_checkpointing",
+            "and train.gradient_checkpointing are both true: activations would be checkpointed twice",
+            "Keep FSDP's (train.gradient_checkpointing=false), which FSDP2 prefers",
+        )
     if d.strategy == DistStrategy.fsdp and str(d.fsdp.get("version", 1)) != "2":
         # FSDP1 is deprecated in torch and accelerate, and cannot run on CPU ranks (sft_exp.distributed).
         _fail(

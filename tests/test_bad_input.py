@@ -44,6 +44,10 @@ CASES = {
         ["distributed=fsdp", "distributed.fsdp.version=1"],
         "distributed.fsdp.version: is 1: sft-exp runs FSDP2 only",
     ),
+    "activations checkpointed twice under fsdp": (
+        ["distributed=fsdp", "distributed.fsdp.activation_checkpointing=true", "train.gradient_checkpointing=true"],
+        "are both true: activations would be checkpointed twice",
+    ),
     "attention that would cross packed sequences": (
         ["model.attn_implementation=paged_attention"],
         "expected one of [sdpa, eager, flex_attention, flash_attention_2",
