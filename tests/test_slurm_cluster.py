@@ -7,6 +7,7 @@ installed at all (a cluster that is installed but down is a failure, not a skip)
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 
@@ -78,3 +79,37 @@ def test_submitit_two_tasks(tmp_path) -> None:  # type: ignore[no-untyped-def]
         assert job.state in {"UNKNOWN", "PENDING", "RUNNING", "COMPLETING"}, job.state
         assert time.monotonic() < deadline, f"job.state is {job.state}, not COMPLETED"
         time.sleep(0.5)
+
+
+def test_submitit_two_nodes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """up.sh runs two slurmd daemons (two Slurm nodes on this machine); partition `multi` holds both."""
+    submitit = pytest.importorskip("submitit")
+
+    def where_am_i() -> tuple[int, int, int, int, int, str, list[str]]:
+        import os
+
+        import submitit as sm
+
+        env = sm.JobEnvironment()
+        return (
+            env.global_rank,
+            env.local_rank,
+            env.node,
+            env.num_nodes,
+            env.num_tasks,
+            os.environ["SLURMD_NODENAME"],
+            list(env.hostnames),
+        )
+
+    executor = submitit.AutoExecutor(folder=tmp_path)
+    executor.update_parameters(slurm_partition="multi", nodes=2, tasks_per_node=1, cpus_per_task=1, timeout_min=5)
+    job = executor.submit(where_am_i)
+    _wait(job)
+
+    results = sorted(job.results())
+    assert [r[:5] for r in results] == [(0, 0, 0, 2, 2), (1, 0, 1, 2, 2)], results
+    hostnames = results[0][6]
+    assert len(set(hostnames)) == 2 and all(r[6] == hostnames for r in results), results
+    assert [r[5] for r in results] == hostnames, results  # task i on the i-th node of the job's node list
+    for name in hostnames:  # node names resolve, as on a real cluster (the master address is the first one)
+        socket.gethostbyname(name)

@@ -3,6 +3,9 @@
 - launcher=slurm with distributed=ddp: one job of 2 tasks, each task one rank (rank/world from submitit's
   JobEnvironment); `scontrol requeue` of the running job: it saves a checkpoint on SIGTERM, Slurm restarts it, and
   it continues in the same run directory from that checkpoint to the same losses as an uninterrupted run.
+- launcher=slurm with distributed.nodes=2: one job of 2 nodes x 1 task on the cluster's two slurmd nodes (partition
+  `multi`); node rank, local rank, world size and the master address (the first node's name) come from the
+  allocation, and it trains to the same losses as 2 local ranks.
 - -m hydra/launcher=submitit_slurm with a comma list: a 2-run sweep, both runs finish with metrics.
 """
 
@@ -10,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -67,6 +72,82 @@ def test_ddp_job_requeued_mid_run_finishes_like_an_uninterrupted_run(tmp_path: P
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["global_steps"] == 8 and m["resumed_from"] == resumed_from
     got = losses(run_dir / "trainer_state.json")
+    assert sorted(got) == sorted(want)
+    for step, loss in want.items():
+        assert abs(got[step] - loss) <= 1e-6, (step, got[step], loss)
+
+
+TASK_LINE = re.compile(
+    r"slurm task: rank (\d+) of (\d+) on node (\S+) \(node rank (\d+) of (\d+), local rank (\d+) of (\d+)\);"
+    r" master (\S+):(\d+)"
+)
+
+
+def test_two_node_ddp_job_trains_like_two_local_ranks(tmp_path: Path, shared_cache: Path) -> None:
+    want = losses(ddp_reference(shared_cache) / "trainer_state.json")
+    sweep = tmp_path / "sweep"
+    args = [
+        a
+        for a in dist_args(shared_cache, "unused")
+        if not a.startswith(("hydra.run.dir", "distributed.processes_per_node"))
+    ]
+    r = launch(
+        [
+            "launcher=slurm",
+            "launcher.partition=multi",  # scripts/slurm/up.sh: both nodes (debug holds the first alone)
+            "distributed=ddp",
+            "distributed.nodes=2",
+            "distributed.processes_per_node=1",
+            # The two nodes share this machine's cores: one each (else each rank takes a thread per core of "its"
+            # node, 4 threads on 2 cores, and training is ~5x slower).
+            "launcher.cpus_per_task=1",
+            *args,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+    (job_dir,) = [p for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
+    job_id = job_dir.name
+    acct = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "NNodes,NodeList"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+    nnodes, nodelist = acct.split("|")
+    nodes = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
+    ).stdout.split()
+    assert nnodes == "2" and len(set(nodes)) == 2, acct
+    # One task per node, each its own rank: rank i on the i-th node, local rank 0, world size 2; every task joins the
+    # master at the first node's name (which resolves, as node names do on a real cluster).
+    logs = [(job_dir / f"{job_id}_{rank}_log.out").read_text() for rank in (0, 1)]
+    tasks = []
+    for log in logs:
+        line = TASK_LINE.search(log)
+        assert line, log[-2000:]
+        tasks.append(line.groups())
+    port = tasks[0][8]
+    assert tasks == [
+        ("0", "2", nodes[0], "0", "2", "0", "1", nodes[0], port),
+        ("1", "2", nodes[1], "1", "2", "0", "1", nodes[0], port),
+    ], tasks
+    socket.gethostbyname(nodes[0])
+
+    # One run directory, written by rank 0 alone: one attempt, one RNG state per rank in the checkpoints.
+    (run_dir,) = [p.parent for p in sweep.glob("*/run_config.yaml")]
+    assert "run directory:" in logs[0] and "run directory:" not in logs[1]
+    # the trainer logs from rank 0 only (rank 1 is local rank 0 of its node: log_on_each_node does not make it print)
+    assert "'loss':" in logs[0] and "'loss':" not in logs[1]
+    (attempt,) = json.loads((run_dir / "attempts.json").read_text())
+    assert (attempt["slurm_job_id"], attempt["world_size"]) == (job_id, 2), attempt
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_steps"] == 8
+    ckpt = run_dir / "checkpoint-8"
+    assert is_complete(ckpt)
+    assert sorted(p.name for p in ckpt.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+
+    got = losses(run_dir / "trainer_state.json")
+    print("2 nodes x 1 task:", got, "\n2 local ranks:   ", want)
     assert sorted(got) == sorted(want)
     for step, loss in want.items():
         assert abs(got[step] - loss) <= 1e-6, (step, got[step], loss)

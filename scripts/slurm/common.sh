@@ -28,7 +28,17 @@ MUNGE_PID="$MUNGE_DIR/munged.pid"
 MYSQL_PID="$MYSQL_DIR/mysqld.pid"
 SLURMDBD_PID="$RUN_DIR/slurmdbd.pid"
 SLURMCTLD_PID="$RUN_DIR/slurmctld.pid"
-SLURMD_PID="$RUN_DIR/slurmd.pid"
+
+# Two Slurm nodes on this one machine, so that multi-node jobs run for real: one slurmd each (`slurmd -N NAME`),
+# both at 127.0.0.1, each with its own port, spool folder, pid file and log (%n in slurm.conf). The first node keeps
+# the machine's short hostname; the second is NAME-2 (up.sh makes it resolve to 127.0.0.1 if it does not).
+NODE="$(hostname -s)"
+NODES=("$NODE" "$NODE-2")
+NODE_PORTS=(6818 6820)
+MULTI_PARTITION="multi"
+slurmd_pid() { echo "$RUN_DIR/slurmd-$1.pid"; }
+slurmd_log() { echo "$LOG_DIR/slurmd-$1.log"; }
+HOSTS_MARK="# sft-exp scripts/slurm/up.sh"
 
 export SLURM_CONF="$SLURM_CONF_FILE"
 
@@ -130,15 +140,16 @@ wait_daemon() {
 
 conf_sum() { cat "$@" | md5sum | cut -d' ' -f1; }
 
-# config_stale EXE PIDFILE CONFIG...: true if the daemon runs with other configs than these.
+# config_stale NAME PIDFILE CONFIG...: true if the daemon runs with other configs than these. NAME is the daemon's
+# binary (EXE), or EXE-INSTANCE when several run (slurmd-NODE): the process is checked against EXE.
 config_stale() {
-    local exe="$1" pidfile="$2"; shift 2
-    pid_alive "$pidfile" "$exe" || return 1
-    [ "$(cat "$RUN_DIR/$exe.confsum" 2>/dev/null || true)" != "$(conf_sum "$@")" ]
+    local name="$1" pidfile="$2"; shift 2
+    pid_alive "$pidfile" "${name%%-*}" || return 1
+    [ "$(cat "$RUN_DIR/$name.confsum" 2>/dev/null || true)" != "$(conf_sum "$@")" ]
 }
 
-# mark_started EXE CONFIG...: remember the configs the daemon was started with.
+# mark_started NAME CONFIG...: remember the configs the daemon was started with.
 mark_started() {
-    local exe="$1"; shift
-    conf_sum "$@" >"$RUN_DIR/$exe.confsum"
+    local name="$1"; shift
+    conf_sum "$@" >"$RUN_DIR/$name.confsum"
 }

@@ -32,7 +32,11 @@ if pid_alive "$SLURMCTLD_PID" slurmctld && command -v squeue >/dev/null 2>&1; th
     fi
 fi
 
-stop_pidfile slurmd "$SLURMD_PID"
+# Every slurmd by its pid file: those of NODES, and any left from an earlier layout (run/slurmd.pid).
+for f in "$RUN_DIR"/slurmd.pid "$RUN_DIR"/slurmd-*.pid; do
+    [ -e "$f" ] || continue
+    stop_pidfile slurmd "$f"
+done
 stop_pidfile slurmctld "$SLURMCTLD_PID"
 stop_pidfile slurmdbd "$SLURMDBD_PID"
 stop_pidfile mariadbd "$MYSQL_PID" 60
@@ -43,6 +47,12 @@ if [ "$purge" = 1 ]; then
     rm -rf "$SLURM_DIR"
     if [ "$(readlink /etc/slurm/slurm.conf 2>/dev/null || true)" = "$SLURM_CONF_FILE" ]; then
         rm -f /etc/slurm/slurm.conf
+    fi
+    # The node names up.sh added to /etc/hosts. Rewritten in place (not sed -i): /etc/hosts may be a bind mount.
+    if grep -qF "$HOSTS_MARK" /etc/hosts 2>/dev/null; then
+        log "removing the node names up.sh added to /etc/hosts"
+        kept="$(grep -vF "$HOSTS_MARK" /etc/hosts || true)"
+        printf '%s\n' "$kept" >/etc/hosts
     fi
 fi
 log "down"

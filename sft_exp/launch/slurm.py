@@ -63,6 +63,14 @@ def run_task(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started:
         MASTER_ADDR="127.0.0.1" if env.num_nodes == 1 else env.hostnames[0],
         MASTER_PORT=str(d.master_port or master_port(env.raw_job_id)),
     )
+    # Where this task runs and whom it joins, in its own log (.../.submitit/<job>/<job>_<rank>_log.out).
+    node_name = os.environ.get("SLURMD_NODENAME", env.hostname)
+    print(
+        f"slurm task: rank {env.global_rank} of {env.num_tasks} on node {node_name}"
+        f" (node rank {env.node} of {env.num_nodes}, local rank {env.local_rank} of {per_node});"
+        f" master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+        flush=True,
+    )
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     os.environ.setdefault("OMP_NUM_THREADS", cpus or str(max(1, cpu_cores() // per_node)))
     check_devices(run, per_node)
