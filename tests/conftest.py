@@ -20,7 +20,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def compose(overrides: list[str] | None = None):
+def compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
     """Compose the root config the way `python launch.py <overrides>` would, without running anything."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -31,7 +31,7 @@ def compose(overrides: list[str] | None = None):
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides or [])
+        return hydra_compose(config_name="config", overrides=overrides or [], return_hydra_config=return_hydra_config)
 
 
 def launch(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -182,3 +182,23 @@ def test_two_run_sweep_through_the_submitit_launcher(tmp_path: Path, shared_cach
         (attempt,) = json.loads((run_dir / "attempts.json").read_text())
         jobs.add(attempt["slurm_job_id"])
     assert len(jobs) == 2  # one Slurm (array) job per run
+
+
+def test_a_job_slurm_refuses_is_a_clear_error_and_nothing_runs(tmp_path: Path) -> None:
+    # `debug` holds one node: sbatch refuses a 3-node job at once (EnforcePartLimits=ALL in scripts/slurm/up.sh).
+    r = launch(
+        [
+            "launcher=slurm",
+            "launcher.partition=debug",
+            "distributed=ddp",
+            "distributed.nodes=3",
+            "distributed.processes_per_node=1",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "error: launcher: Slurm refused the job: Batch job submission failed:" in r.stderr, r.stderr[-2000:]
+    assert "launcher.partition=debug (`sinfo -p debug`" in r.stderr and "Traceback" not in r.stderr
+    assert not list((tmp_path / "sweep").glob("*/run_config.yaml"))
