@@ -157,7 +157,7 @@ class SaveFailed(Exception):
         super().__init__(what, str(path), code)
 
     def __str__(self) -> str:
-        from sft_exp.rundir import FROZEN
+        from sft_exp.rundir import FROZEN, resume_arg
 
         if self.code:
             reason = f"{os.strerror(self.code)} ({errno.errorcode.get(self.code, self.code)})"
@@ -180,7 +180,7 @@ class SaveFailed(Exception):
                 if self.last_complete
                 else "from the start, in the same directory (no complete checkpoint yet)"
             )
-            how = self.command or f"the same command with resume={self.run_dir}"
+            how = self.command or f"the same command with {resume_arg(self.run_dir)}"
             lines.append(f"then continue the run {frm}: {how}")
         return "\n  ".join(lines)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -85,8 +87,36 @@ def check_fresh(run_dir: Path) -> None:
     if (run_dir / FROZEN).exists():
         raise ConfigError(
             f"hydra.run.dir: {run_dir} already holds an unfinished run. "
-            f"Continue it with resume={run_dir}, or choose another directory; nothing there was changed"
+            f"Continue it with {resume_arg(run_dir)}, or choose another directory; nothing there was changed"
         )
+
+
+_SHELL_SAFE = re.compile(r"[\w@%+=:,./-]+")
+_HYDRA_SAFE = re.compile(r"[\w@%+:./-]*")
+
+
+def shell_word(s: str) -> str:
+    """`s` as one word of a shell command to copy and paste (quoted only when it must be)."""
+    if _SHELL_SAFE.fullmatch(s):
+        return s
+    if "'" not in s:
+        return f"'{s}'"
+    if not any(c in s for c in '"$`\\!'):
+        return f'"{s}"'
+    return shlex.quote(s)
+
+
+def resume_arg(run_dir: Path | str) -> str:
+    """The `resume=<run dir>` argument for a shell command. A sweep's run directories are named after the overrides
+    (`lr=1e-3,seed=1`): unquoted, Hydra would read the `=` and `,` as override syntax, so the path is quoted for Hydra
+    (and the whole for the shell)."""
+    path = str(run_dir)
+    if _HYDRA_SAFE.fullmatch(path):
+        return shell_word(f"resume={path}")
+    # Inside Hydra's quotes a backslash is literal except before a quote (or the closing quote): double those.
+    quoted = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", path)
+    quoted = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, quoted)
+    return shell_word(f"resume='{quoted}'")
 
 
 def freeze(run: RunConfig, run_dir: Path, overrides: list[str]) -> None:

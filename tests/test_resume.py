@@ -370,3 +370,31 @@ def test_mean_train_loss_covers_every_logged_window_of_the_run() -> None:
     ]
     assert _mean_train_loss(history, fallback=-1.0) == (4.0 + 2 * 2.0 + 3 * 1.0 + 5.0) / 7
     assert _mean_train_loss([], fallback=-1.0) == -1.0  # nothing logged: the Trainer's figure
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/runs/2026-11-28/12-00-00",
+        "/sweeps/x/train.learning_rate=1e-3,mixture.sources.arith.weight=0.5",  # a sweep's run directory
+        "/runs/with space/it's here",
+        '/runs/odd"$name\\x',
+        "/runs/a\\'b\\",  # backslashes before a quote and at the end: Hydra would read them as escapes
+    ],
+)
+def test_the_printed_resume_command_gives_hydra_the_run_directory_back(path: str) -> None:
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sft_exp.launch.local import resume_command
+
+    job = HydraJob(Path(path), ["train.report_to=[none]", "template.date_string=26 July 2024"], "", multirun=False)
+    argv = shlex.split(resume_command(Path(path), job))  # what the shell makes of the pasted command
+    assert argv[:2] == ["python", "launch.py"]
+    parsed = OverridesParser.create().parse_overrides(argv[2:])
+    assert [(o.key_or_group, o.value()) for o in parsed] == [
+        ("train.report_to", ["none"]),
+        ("template.date_string", "26 July 2024"),
+        ("resume", path),
+    ]

@@ -15,8 +15,11 @@ from sft_exp.launch.resume import open_run_dir
 
 
 def resume_command(run_dir: Path, job: HydraJob) -> str:
-    cmd = " ".join(o for o in job.overrides if not o.startswith("resume="))
-    return f"python launch.py {cmd} resume={run_dir}".replace("  ", " ")
+    """The shell command that continues the run: this job's overrides (quoted as needed) + resume=<run dir>."""
+    from sft_exp.rundir import resume_arg, shell_word
+
+    words = [shell_word(o) for o in job.overrides if not o.startswith("resume=")]
+    return " ".join(["python launch.py", *words, resume_arg(run_dir)])
 
 
 def resume_hint(run_dir: Path, job: HydraJob) -> str:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sft_exp.checkpoints import STOP, Interrupted
+from sft_exp.checkpoints import STOP, Interrupted, SaveFailed
 from sft_exp.config import ConfigError, RunConfig
 from sft_exp.launch import HydraJob
 from sft_exp.launch.resume import open_run_dir
@@ -105,6 +105,12 @@ def run_task(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started:
     try:
         # A one-task job prepares in run_rank (rank 0 reports); with several tasks rank 0 prepared above.
         return run_rank(run_dir, resume_from, started, prepared=prepared, report=world == 1)
+    except SaveFailed as e:
+        from sft_exp.launch.local import resume_command
+
+        # The command that resumes it: this job's overrides (launcher=slurm among them: it is submitted again).
+        e.command = e.command or resume_command(run_dir, job)
+        raise
     except Interrupted as e:
         print(f"[rank {env.global_rank}] {e}", flush=True)
         if e.signum == env._usr_sig():
