@@ -292,15 +292,18 @@ def make_trainer_class() -> type:
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             # Every rank logs (only rank 0 writes), so every rank joins this reduce: no rank-dependent condition.
             if self.model.training and "loss" in logs:
-                sums = self.accelerator.reduce(self._src_sum.to(self.accelerator.device), reduction="sum").cpu()
-                cnts = self.accelerator.reduce(self._src_cnt.to(self.accelerator.device), reduction="sum").cpu()
+                # One collective for the per-source sums and counts and the attention FLOP count.
+                pairs = torch.tensor([self._attn_pairs], dtype=torch.float64)
+                local = torch.cat([self._src_sum, self._src_cnt, pairs]).to(self.accelerator.device)
+                total = self.accelerator.reduce(local, reduction="sum").cpu()
+                n = len(self.source_names)
+                sums, cnts = total[:n], total[n : 2 * n]
                 for i, name in enumerate(self.source_names):
                     if cnts[i] > 0:
                         logs[f"loss_{name}"] = round(float(sums[i] / cnts[i]), 6)
+                self.flops_window["attention_pairs"] = float(total[-1])
                 self._src_sum.zero_()
                 self._src_cnt.zero_()
-                pairs = torch.tensor([self._attn_pairs], dtype=torch.float64, device=self.accelerator.device)
-                self.flops_window["attention_pairs"] = float(self.accelerator.reduce(pairs, reduction="sum").item())
                 self._attn_pairs = 0.0
             if not self.model.training and self._eval_prefix and self._eval_prefix != "eval":
                 # TRL logs its eval extras (entropy, token accuracy) without the dataset name; add it.
