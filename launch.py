@@ -5,7 +5,8 @@
     python launch.py --cfg job                        # print the composed config
     python launch.py -m train.learning_rate=1e-3,3e-3 # a sweep
 
-Only this file and sft_exp/config.py know Hydra; everything below receives the frozen RunConfig.
+Only this file, sft_exp/config/hydra_glue.py and sft_exp/launch/ know Hydra; everything below receives the frozen
+RunConfig. Heavy imports (torch, transformers) start behind sft_exp.launch.start, so --cfg and --help stay fast.
 """
 
 from __future__ import annotations
@@ -13,11 +14,19 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sft_exp.config import ConfigError, RunConfig, register_configs, to_run_config, validate
+from sft_exp.config import RunConfig, to_run_config, validate
+from sft_exp.config.frozen import freeze
+from sft_exp.config.hydra_glue import register_configs
+from sft_exp.errors import ConfigError, SftExpError, exit_code_of
+from sft_exp.io import write_json
+from sft_exp.rundir import RunDir, check_fresh
 
 register_configs()
 
@@ -29,10 +38,7 @@ def compose_and_validate(cfg: DictConfig) -> RunConfig:
 
 
 def freeze_run_dir(run: RunConfig) -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    from sft_exp.rundir import freeze, write_json
-    from sft_exp.sweep import JOB_FILE, describe_job
+    from sft_exp.launch.sweep_callback import describe_job
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -44,18 +50,15 @@ def freeze_run_dir(run: RunConfig) -> Path:
         run.tracking.group = job["group"]
     freeze(run, run_dir, list(hc.overrides.task))
     if job["sweep_dir"]:
-        write_json(run_dir / JOB_FILE, {**job, "objective": run.sweep.objective})
+        write_json(RunDir(run_dir).sweep_job, {**job, "objective": run.sweep.objective})
     return run_dir
 
 
-def fail(msg: str, code: int = 2) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
+def fail(e: BaseException, code: int) -> NoReturn:
+    print(f"error: {e}", file=sys.stderr)
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         # In a sweep, one bad combination fails its own job (recorded in the sweep index); the others still run.
-        raise RuntimeError(msg)
+        raise RuntimeError(str(e))
     raise SystemExit(code)
 
 
@@ -65,23 +68,16 @@ def main(cfg: DictConfig) -> float | None:
     try:
         run = compose_and_validate(cfg)
     except ConfigError as e:
-        fail(str(e))
-    from sft_exp.checkpoints import SaveFailed
+        fail(e, e.exit_code)
     from sft_exp.launch import HydraJob, start
 
     try:
         # Settles the run directory (a new one, frozen by freeze_run_dir, or the one resumed), then runs it: here in
         # this process, as N local ranks, or as this Slurm task's rank (sft_exp/launch/).
         metrics = start(run, HydraJob.current(), lambda: freeze_run_dir(run), started)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        from sft_exp.data.sources import DataError
-
-        if isinstance(e, (ConfigError, DataError, FileNotFoundError)) or str(e).startswith("template"):
-            fail(str(e))
-        raise
-    except SaveFailed as e:  # disk full, permissions, ...: what, where, the fix, and how to continue; exit 74
+    except (SftExpError, FileNotFoundError) as e:
         close_progress_bars()  # closed at exit otherwise: their last line would come after the error
-        fail(str(e), e.exit_code)
+        fail(e, exit_code_of(e) or 2)
     after = metrics.get("eval_loss_after", {}) if isinstance(metrics, dict) else {}
     return after.get(run.sweep.objective)  # the sweeper's objective: overall or one source's eval loss
 
@@ -99,9 +95,6 @@ def refuse_existing_run_dir(argv: list[str]) -> None:
         return
     for a in reversed(argv):  # the last override wins, as in Hydra
         if a.startswith("hydra.run.dir="):
-            from sft_exp.config import ConfigError
-            from sft_exp.rundir import check_fresh
-
             try:
                 check_fresh(Path(a.split("=", 1)[1]))
             except ConfigError as e:

@@ -53,7 +53,7 @@ def _setup(spec: dict[str, Any]) -> tuple[Any, Any, Any, list[str]]:
     """(run config, tokenizer, render spec, source names) as a run of `template=<t> mixture=demo` builds them."""
     from sft_exp.config import ASSETS, ModelConfig, RunConfig, SourceConfig, TemplateConfig
     from sft_exp.data.template import RenderSpec
-    from sft_exp.model import build_tokenizer
+    from sft_exp.train.model import build_tokenizer
 
     names = sorted(p.stem for p in (ASSETS / "demo").glob("*.jsonl"))
     template = str(ASSETS / "templates" / f"{spec['template']}.jinja")

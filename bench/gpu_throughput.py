@@ -7,7 +7,7 @@ What runs: the SmolLM3-3B architecture initialised from its config (no download;
 AdamW), one packed row per step (padding-free: the row holds sequences laid end to end and `position_ids` restart at
 every sequence, as sft-exp's collator builds them), for every combination asked of
   * row length: 8k, 16k, 64k tokens;
-  * attention: `varlen` (the FlashAttention-2 varlen kernel PyTorch ships, sft_exp/attention.py), `flash_attention_2`
+  * attention: `varlen` (PyTorch's FlashAttention-2 varlen kernel, sft_exp/train/attention.py), `flash_attention_2`
     (when the flash-attn package is installed), `sdpa` (transformers' block-diagonal dense mask for packed rows);
   * kernels and LM head (`--kernels`): `hf` (plain transformers: [tokens x 128k] logits, then cross-entropy), `trl`
     (TRL's chunked fused LM head: per-token log-probs without the full logits; what sft-exp trains with, since
@@ -116,7 +116,7 @@ def model_config(tiny: bool) -> Any:
 
 
 def model_flops(n_params: int, cfg: Any, seqs: list[int]) -> float:
-    from sft_exp.tracking import attention_width, train_flops
+    from sft_exp.train.tracking import attention_width, train_flops
 
     pairs = sum(s * (s + 1) for s in seqs)
     return train_flops(n_params, cfg.num_hidden_layers, attention_width(cfg), sum(seqs), pairs)
@@ -271,9 +271,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sft_exp.attention import available as varlen_available
-    from sft_exp.attention import register
-    from sft_exp.tracking import peak_tflops
+    from sft_exp.train.attention import available as varlen_available
+    from sft_exp.train.attention import register
+    from sft_exp.train.tracking import peak_tflops
 
     started = time.perf_counter()
     register()
@@ -306,7 +306,7 @@ def main() -> None:
     model.train()
     args.n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = peak_tflops(None) if cuda else None  # the card's dense bf16 datasheet figure (sft_exp.tracking)
+    peak = peak_tflops(None) if cuda else None  # the card's dense bf16 datasheet figure (sft_exp.train.tracking)
     measured = matmul_tflops(args.device)
     print(
         f"# gpu_throughput: {name}, torch {torch.__version__}, model {cfg.num_hidden_layers} layers "

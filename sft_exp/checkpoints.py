@@ -31,7 +31,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+
+from sft_exp.errors import StorageError
+from sft_exp.rundir import RunDir, resume_arg
 
 MARKER = "sft_exp_complete.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -121,7 +123,6 @@ def _step(p: Path) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- a save that fails
-SAVE_FAILED_EXIT = 74  # sysexits' EX_IOERR: the storage needs fixing, not the config (2) or the code (1)
 
 _FIX = {
     errno.ENOSPC: "free space on that filesystem",
@@ -141,14 +142,12 @@ _ERRNO_IN_TEXT = re.compile(r"os error (\d+)|errno[ =:]*(\d+)", re.I)
 _LOW_SPACE = 16 << 20  # bytes: after a failed write with less than this left, a full disk is the likely cause
 
 
-class SaveFailed(Exception):
+class SaveFailed(StorageError):
     """Writing `what` (checkpoint-N save, final model save, metrics.json write, ...) into the run directory failed.
 
     `error` is the underlying exception (kept as __cause__ too); `code` its errno when known (for torch/safetensors
     errors: read from the message or, failing that, diagnosed from the filesystem). `command` is the command that
     continues the run (the launcher fills it in; without it the message says to add resume=<run dir>)."""
-
-    exit_code = SAVE_FAILED_EXIT
 
     def __init__(self, what: str, path: Path, run_dir: Path, code: int | None, error: BaseException | str) -> None:
         self.what, self.path, self.run_dir, self.code, self.error = what, Path(path), Path(run_dir), code, error
@@ -157,8 +156,6 @@ class SaveFailed(Exception):
         super().__init__(what, str(path), code)
 
     def __str__(self) -> str:
-        from sft_exp.rundir import FROZEN, resume_arg
-
         if self.code:
             reason = f"{os.strerror(self.code)} ({errno.errorcode.get(self.code, self.code)})"
             if not isinstance(self.error, OSError):  # torch / safetensors: what they said, too
@@ -172,7 +169,7 @@ class SaveFailed(Exception):
         if half is not None and half.is_dir() and not is_complete(half):
             fix += f"; {half.name} is incomplete (never marked complete: resume removes it)"
         lines.append(f"fix: {fix}")
-        if not (self.run_dir / FROZEN).is_file():
+        if not RunDir(self.run_dir).is_run():
             lines.append("then run the command again (nothing was trained yet)")
         else:
             frm = (
@@ -231,108 +228,3 @@ def save_guard(what: str, path: Path, run_dir: Path) -> Iterator[None]:
             raise
         where = Path(e.filename) if isinstance(e, OSError) and isinstance(e.filename, (str, os.PathLike)) else path
         raise SaveFailed(what, where, run_dir, code, e) from e
-
-
-# ----------------------------------------------------------------------------------------------- stop on a signal
-class StopRequest:
-    """The first stop signal received (None until then). Handlers only record it: saving happens at a step end.
-
-    Installed only while the Trainer trains (on_train_begin .. on_train_end): before that, while data is prepared or
-    the model loads, a signal keeps its usual effect (there is nothing to save yet)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.signums: tuple[int, ...] = STOP_SIGNALS  # sft_exp.launch.slurm adds the pre-timeout signal
-        self.previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for s in self.signums:
-            self.previous[s] = signal.signal(s, self._record)
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        self.previous = {}
-
-    def _record(self, signum: int, frame: Any) -> None:
-        if self.signum is None:
-            self.signum = signum
-            print(
-                f"[sft-exp] {signal.Signals(signum).name} received: saving a checkpoint at the end of this step",
-                flush=True,
-            )
-
-
-STOP = StopRequest()
-
-
-class Interrupted(Exception):
-    """Training stopped on a signal after saving `checkpoint`."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        name = signal.Signals(signum).name
-        where = f"saved {checkpoint}" if checkpoint else "no checkpoint could be saved"
-        super().__init__(f"interrupted by {name} at step {step}: {where}")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-
-def _agreed_stop() -> int:
-    """The stop signal if any rank received one (max over ranks), so all ranks stop at the same step."""
-    import torch
-    import torch.distributed as dist
-
-    flag = STOP.signum or 0
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        t = torch.tensor([flag], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        flag = int(t.item())
-    return flag
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def make_callbacks(save_total_limit: int | None) -> tuple[list[Any], Any]:
-    """(callbacks for the Trainer, the stop callback whose `.stopped` says whether training ended on a signal)."""
-    from transformers import TrainerCallback
-
-    class CompleteCheckpoints(TrainerCallback):
-        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            _barrier()  # every rank's shards, optimizer state and RNG state are on disk
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                with save_guard(f"{ckpt.name} save", ckpt, Path(args.output_dir)):
-                    mark_complete(ckpt, state.global_step)
-                # Only after a complete save: a failed one raised above, so it never makes rotation drop anything.
-                rotate(Path(args.output_dir), save_total_limit, state.best_model_checkpoint)
-
-    class StopOnSignal(TrainerCallback):
-        def __init__(self) -> None:
-            self.stopped: int | None = None  # the signal
-            self.step = 0
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            STOP.install()
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            STOP.restore()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-            signum = _agreed_stop()
-            if signum:
-                self.stopped, self.step = signum, state.global_step
-                control.should_save = True
-                control.should_training_stop = True
-            return control
-
-    stop = StopOnSignal()
-    return [CompleteCheckpoints(), stop], stop

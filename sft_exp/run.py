@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from sft_exp.config import Mode, RunConfig
-from sft_exp.rundir import cache_dir, load_frozen, write_json
+from sft_exp.config.frozen import cache_dir, load_frozen
+from sft_exp.io import write_json
 
 log = logging.getLogger("sft_exp")
 
@@ -16,7 +17,7 @@ log = logging.getLogger("sft_exp")
 def prepare(run: RunConfig, run_dir: Path, report: bool = True) -> tuple[Any, Any]:
     """Tokenizer + prepared data; `report`: write mixture_stats.json and print the resolved mixture."""
     from sft_exp.data.pipeline import format_table, prepare_data
-    from sft_exp.model import build_tokenizer
+    from sft_exp.train.model import build_tokenizer
 
     tokenizer = build_tokenizer(run)
     data = prepare_data(run, tokenizer, cache_dir(run), verbose=report)
@@ -40,25 +41,26 @@ def execute(
     ranks start (each rank then reads the tokenised cache) and passes `report=False` to the ranks, or hands its own
     `prepared` data in. `resume_from`: the checkpoint training continues from (sft_exp.launch decides it).
     """
-    from sft_exp.distributed import is_main_process
+    from sft_exp.ranks import is_main_process
 
     started = started or time.time()
     run = load_frozen(run_dir)
     if run.mode == Mode.inspect:  # rows with their trained tokens highlighted; nothing is tokenised or trained
-        from sft_exp.inspect_view import run_inspect
+        from sft_exp.tools.inspect_view import run_inspect
 
         return run_inspect(run, run_dir)
     report = is_main_process() if report is None else report
     tokenizer, data = prepared or prepare(run, run_dir, report=report)
-    from sft_exp import tracking
+    from sft_exp.train import tracking
 
     tracker = tracking.start(run, run_dir, data.stats)  # rank 0 only; a no-op for tracking=none
     if run.mode == Mode.prepare:
         tracker.finish()
         return data.stats
 
-    from sft_exp.model import build_model
-    from sft_exp.train import build_sft_config, run_training
+    from sft_exp.train.loop import run_training
+    from sft_exp.train.model import build_model
+    from sft_exp.train.sft_config import build_sft_config
 
     try:
         # The SFTConfig comes before the model: under ZeRO-3, transformers builds the model already partitioned

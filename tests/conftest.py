@@ -26,7 +26,7 @@ def compose(overrides: list[str] | None = None, return_hydra_config: bool = Fals
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from sft_exp.config import register_configs
+    from sft_exp.config.hydra_glue import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()

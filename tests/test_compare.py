@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from sft_exp.compare import collect, main, table, write_report
 from sft_exp.config import to_run_config
-from sft_exp.rundir import freeze
+from sft_exp.config.frozen import freeze
+from sft_exp.tools.compare import collect, main, table, write_report
 from tests.conftest import PY, REPO, compose
 
 
@@ -87,11 +87,13 @@ def test_cli_writes_into_the_out_dir_and_rejects_bad_input(runs: Path, tmp_path:
     out = tmp_path / "cmp"
     assert main([str(runs / "a"), str(runs / "b"), "--out", str(out), "--no-plots"]) == 0
     assert (out / "compare.csv").exists() and not (out / "loss_curves.png").exists()
-    r = subprocess.run([PY, "-m", "sft_exp.compare", str(tmp_path / "nope")], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [PY, "-m", "sft_exp.tools.compare", str(tmp_path / "nope")], capture_output=True, text=True, cwd=REPO
+    )
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = subprocess.run(
-        [PY, "-m", "sft_exp.compare", str(runs), "--objective", "nope"], capture_output=True, text=True, cwd=REPO
+        [PY, "-m", "sft_exp.tools.compare", str(runs), "--objective", "nope"], capture_output=True, text=True, cwd=REPO
     )
     assert r.returncode == 2 and "neither 'all' nor a source (arith, tools)" in r.stderr
-    r = subprocess.run([PY, "-m", "sft_exp.compare"], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run([PY, "-m", "sft_exp.tools.compare"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "--wandb" in r.stderr

@@ -111,7 +111,7 @@ def test_all_weights_zero_is_an_error() -> None:
 
 
 def test_train_extra_is_checked_against_sftconfig() -> None:
-    from sft_exp.train import build_sft_config
+    from sft_exp.train.sft_config import build_sft_config
 
     run = to_run_config(compose(["+train.extra.not_a_field=1"]))
     with pytest.raises(ConfigError, match="train.extra.not_a_field: is not a field of trl.SFTConfig"):
@@ -121,7 +121,7 @@ def test_train_extra_is_checked_against_sftconfig() -> None:
 
 
 def test_frozen_config_round_trips(tmp_path) -> None:
-    from sft_exp.rundir import freeze, load_frozen
+    from sft_exp.config.frozen import freeze, load_frozen
 
     run = to_run_config(compose(["mixture.sources.sort.weight=2", "train.learning_rate=1e-4"]))
     freeze(run, tmp_path, ["x=y"])
@@ -135,7 +135,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Pat
     """The default hydra.run.dir is ${claim_dir:<date>/<time>}: created atomically, numbered when taken."""
     import multiprocessing as mp
 
-    from sft_exp.rundir import claim_dir
+    from sft_exp.config.naming import claim_dir
 
     base = str(tmp_path / "runs" / "10-00-00")
     with mp.get_context("spawn").Pool(2, maxtasksperchild=1) as pool:  # one process per claim, as two runs are

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sft_exp.checkpoints import is_complete, last_complete_checkpoint
-from sft_exp.distributed import cpu_cores
+from sft_exp.config.preflight import cpu_cores
 from tests.conftest import PY, REPO, checkpointed_run_args, launch
 
 # ------------------------------------------------------------------------------------------------ shared runs

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from sft_exp.config import ASSETS, ConfigError, to_run_config, validate
-from sft_exp.inspect_view import CLOSE, CUT, GREEN, OPEN, RESET, collect, format_html, format_terminal
+from sft_exp.tools.inspect_view import CLOSE, CUT, GREEN, OPEN, RESET, collect, format_html, format_terminal
 from tests.conftest import compose, launch
 
 DEMO = ASSETS / "demo"
@@ -43,7 +43,7 @@ def bracketed(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    from sft_exp.model import build_tokenizer
+    from sft_exp.train.model import build_tokenizer
 
     return build_tokenizer(to_run_config(compose()))
 

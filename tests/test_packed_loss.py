@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from sft_exp.attention import check_attention, cu_seqlens_from_position_ids, register
 from sft_exp.config import ASSETS, ConfigError
-from sft_exp.train import IGNORE, PackedCollator
+from sft_exp.config.preflight import check_attention
+from sft_exp.train.attention import cu_seqlens_from_position_ids, register
+from sft_exp.train.collator import IGNORE, PackedCollator
 
 
 def _tiny_model(attn: str):
@@ -33,7 +34,7 @@ def _sequences(n: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
 def _row(seqs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
     return {
         "input_ids": np.concatenate([s[0] for s in seqs]),
-        "assistant_masks": np.concatenate([s[1] for s in seqs]),
+        "loss_mask": np.concatenate([s[1] for s in seqs]),
         "seq_lengths": [len(s[0]) for s in seqs],
         "seq_sources": list(range(len(seqs))),
     }

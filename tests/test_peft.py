@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sft_exp.config import QLORA_NO_CUDA, ConfigError, to_run_config, validate
-from sft_exp.peft_setup import LLAMA_PROJECTIONS, default_target_modules
+from sft_exp.train.peft import LLAMA_PROJECTIONS, default_target_modules
 from tests.conftest import compose, launch
 
 
@@ -74,9 +74,9 @@ def test_qlora_refuses_without_cuda_before_loading_anything(tmp_path: Path) -> N
 # ------------------------------------------------------------------------------------------------ a real LoRA run
 def _train(tmp_path: Path, name: str, overrides: list[str], monkeypatch: pytest.MonkeyPatch, **kw) -> tuple:
     """The real run path in this process (freeze -> sft_exp.run.execute), keeping the model it trained."""
-    import sft_exp.model
+    import sft_exp.train.model
+    from sft_exp.config.frozen import freeze
     from sft_exp.run import execute, prepare
-    from sft_exp.rundir import freeze
 
     run_dir = tmp_path / name
     run = to_run_config(compose(overrides))
@@ -85,14 +85,14 @@ def _train(tmp_path: Path, name: str, overrides: list[str], monkeypatch: pytest.
     if "prepared" not in kw:
         kw["prepared"] = prepare(run, run_dir)
     built: dict = {}
-    real_build = sft_exp.model.build_model
+    real_build = sft_exp.train.model.build_model
 
     def keep(run_cfg, tokenizer):  # noqa: ANN001, ANN202
         built["model"] = real_build(run_cfg, tokenizer)
         built["before"] = {n: p.detach().clone() for n, p in built["model"].named_parameters()}
         return built["model"]
 
-    monkeypatch.setattr(sft_exp.model, "build_model", keep)
+    monkeypatch.setattr(sft_exp.train.model, "build_model", keep)
     metrics = execute(run_dir, **kw)
     return run_dir, metrics, {**built, "prepared": kw["prepared"]}
 
@@ -174,7 +174,7 @@ def test_lora_run_trains_adapter_only_reloads_and_resumes(
 
 # ------------------------------------------------------------------------------------------------ no trainer needed
 def _tiny(tmp_path: Path, overrides: list[str]) -> tuple:
-    from sft_exp.model import build_model, build_tokenizer
+    from sft_exp.train.model import build_model, build_tokenizer
 
     run = to_run_config(compose(overrides))
     validate(run)
@@ -183,7 +183,7 @@ def _tiny(tmp_path: Path, overrides: list[str]) -> tuple:
 
 
 def test_base_is_saved_only_when_the_model_cannot_be_reloaded(tmp_path: Path) -> None:
-    from sft_exp.peft_setup import setup
+    from sft_exp.train.peft import setup
 
     run, tok, model = _tiny(tmp_path, ["peft=lora"])  # model.init=random: no weights to reload from
     a = setup(run, model, tok, tmp_path / "r1")
@@ -208,7 +208,7 @@ def test_modules_to_save_keeps_tied_embeddings_tied_through_reload_and_merge(tmp
     from peft import AutoPeftModelForCausalLM, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from sft_exp.peft_setup import save_merged, setup
+    from sft_exp.train.peft import save_merged, setup
 
     run, tok, model = _tiny(tmp_path, ["peft=lora", "peft.r=4", "peft.modules_to_save=[embed_tokens]"])
     assert model.config.tie_word_embeddings

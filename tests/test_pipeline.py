@@ -15,7 +15,7 @@ from tests.conftest import compose
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     from sft_exp.data.pipeline import prepare_data
-    from sft_exp.model import build_tokenizer
+    from sft_exp.train.model import build_tokenizer
 
     run = to_run_config(
         compose(["mixture.sources.sort.weight=1.5", "mixture.sources.units.weight=0.25", "packing.max_length=512"])
@@ -28,7 +28,7 @@ def prepared(tmp_path_factory):
 def _sequences(ds) -> Counter:
     out = Counter()
     for row in ds:
-        ids, mask, start = row["input_ids"], row["assistant_masks"], 0
+        ids, mask, start = row["input_ids"], row["loss_mask"], 0
         for n in row["seq_lengths"]:
             out[(tuple(ids[start : start + n]), tuple(mask[start : start + n]))] += 1
             start += n

@@ -66,7 +66,7 @@ def test_launch_shape_and_tracking(run) -> None:
 
 
 def test_every_trainer_value(run) -> None:
-    from sft_exp.train import build_sft_config
+    from sft_exp.train.sft_config import build_sft_config
 
     # Built as a single process would (DeepSpeed on this GPU-less machine cannot take bf16); the launch shape is
     # checked in test_launch_shape_and_tracking.

@@ -29,10 +29,14 @@ from sft_exp.checkpoints import (
     save_guard,
 )
 from sft_exp.config import ConfigError, validate
-from sft_exp.launch import HydraJob
+from sft_exp.config.frozen import freeze
+from sft_exp.io import write_json
+from sft_exp.launch.job import HydraJob
 from sft_exp.launch.resume import config_differences, find_latest_run
-from sft_exp.rundir import FROZEN, freeze, write_json
+from sft_exp.rundir import RunDir
 from tests.conftest import PY, REPO, checkpointed_run_args, compose, launch
+
+FROZEN = RunDir(".").frozen.name
 
 # ------------------------------------------------------------------------------------------------ checkpoint files
 
@@ -357,7 +361,7 @@ def test_a_rank_whose_save_fails_is_reported_without_the_other_ranks_tracebacks(
 
 
 def test_mean_train_loss_covers_every_logged_window_of_the_run() -> None:
-    from sft_exp.train import _mean_train_loss
+    from sft_exp.train.loop import _mean_train_loss
 
     # logging_steps=3 over 7 steps: windows of 1 (logging_first_step), 2, 3 and a last one of 1; eval rows ignored.
     history = [

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from sft_exp.config import ASSETS
-from sft_exp.train import IGNORE, PackedCollator, make_trainer_class
+from sft_exp.train.collator import IGNORE, PackedCollator
+from sft_exp.train.trainer import SourceAwareSFTTrainer
 
 
 def test_per_source_loss_and_trained_tokens_match_a_separate_forward(tmp_path) -> None:
@@ -21,7 +22,7 @@ def test_per_source_loss_and_trained_tokens_match_a_separate_forward(tmp_path) -
     lens = [30, 50, 20, 40]
     row = {
         "input_ids": rng.integers(7, 4000, sum(lens)).tolist(),
-        "assistant_masks": (rng.random(sum(lens)) < 0.5).astype(int).tolist(),
+        "loss_mask": (rng.random(sum(lens)) < 0.5).astype(int).tolist(),
         "seq_lengths": lens,
         "seq_sources": [0, 1, 1, 0],
     }
@@ -34,7 +35,7 @@ def test_per_source_loss_and_trained_tokens_match_a_separate_forward(tmp_path) -
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
     )
-    trainer = make_trainer_class()(
+    trainer = SourceAwareSFTTrainer(
         model=model,
         args=args,
         data_collator=PackedCollator(tok.pad_token_id),

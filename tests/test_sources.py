@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from sft_exp.config import SourceConfig
-from sft_exp.data.sources import DataError, load_source, row_problem
+from sft_exp.data.sources import load_source, row_problem
+from sft_exp.errors import DataError
 
 ROWS = [
     {
@@ -86,7 +87,7 @@ def test_bad_rows_error_names_the_row_or_are_dropped_and_counted(tmp_path: Path)
     from sft_exp.config import BadRows, to_run_config
     from sft_exp.data.pipeline import tokenize_source
     from sft_exp.data.template import RenderSpec
-    from sft_exp.model import build_tokenizer
+    from sft_exp.train.model import build_tokenizer
     from tests.conftest import compose
 
     rows = [dict(r) for r in ROWS]

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from sft_exp.config import ConfigError, to_run_config, validate
-from sft_exp.sweep import INDEX, SweepIndex, load_index, rebuild, run_name, swept_keys
+from sft_exp.launch.sweep_callback import swept_keys
+from sft_exp.tools.sweep_index import INDEX, SweepIndex, load_index, rebuild, run_name
 from tests.conftest import CONF, PY, REPO, compose, launch
 
 
@@ -42,7 +43,7 @@ def test_swept_keys_from_command_line_and_sweeper_params() -> None:
 
 
 def test_run_dirnames_are_the_overrides_unless_too_long_for_a_file_name() -> None:
-    from sft_exp.sweep import run_dirname
+    from sft_exp.config.naming import run_dirname
 
     assert run_dirname("train.learning_rate=0.001,mixture.sources.tools.weight=2", 0) == (
         "train.learning_rate=0.001,mixture.sources.tools.weight=2"
@@ -113,7 +114,7 @@ def _hydra_compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from sft_exp.config import register_configs
+    from sft_exp.config.hydra_glue import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -175,7 +176,7 @@ def test_multirun_of_the_default_indexes_and_compares(tmp_path: Path, fast_args:
     assert combos == {("0.001", "0.5"), ("0.001", "2"), ("0.003", "0.5"), ("0.003", "2")}
     assert "sweep index:" in r.stdout and "compare:" in r.stdout
 
-    c = subprocess.run([PY, "-m", "sft_exp.compare", str(sweep)], capture_output=True, text=True, cwd=REPO)
+    c = subprocess.run([PY, "-m", "sft_exp.tools.compare", str(sweep)], capture_output=True, text=True, cwd=REPO)
     assert c.returncode == 0, c.stderr[-3000:]
     lines = [ln for ln in c.stdout.splitlines() if ln.startswith("lr=")]
     assert len(lines) == 4 and sum(ln.rstrip().endswith("*") for ln in lines) == 1
@@ -197,7 +198,9 @@ def test_multirun_of_the_default_indexes_and_compares(tmp_path: Path, fast_args:
 
     # the index outlives the launcher: rebuilt from the run directories alone, it says the same
     (sweep / INDEX).unlink()
-    s = subprocess.run([PY, "-m", "sft_exp.sweep", str(sweep), "--rebuild"], capture_output=True, text=True, cwd=REPO)
+    s = subprocess.run(
+        [PY, "-m", "sft_exp.tools.sweep_index", str(sweep), "--rebuild"], capture_output=True, text=True, cwd=REPO
+    )
     assert s.returncode == 0, s.stderr
     again = json.loads((sweep / INDEX).read_text())
     assert {k: e["swept"] for k, e in again["runs"].items()} == {k: e["swept"] for k, e in data["runs"].items()}

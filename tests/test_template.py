@@ -28,7 +28,6 @@ from sft_exp.data.template import (
     PieceTokenizer,
     Renderer,
     RenderSpec,
-    TemplateError,
     compile_template,
     encode_conversations,
     renderer,
@@ -36,6 +35,7 @@ from sft_exp.data.template import (
     tokenize_conversations,
 )
 from sft_exp.data.template_check import check_rows, check_template, probe_row, truncation_report
+from sft_exp.errors import TemplateError
 
 DEMO = ASSETS / "demo"
 SOURCES = sorted(p.stem for p in DEMO.glob("*.jsonl"))
@@ -718,7 +718,7 @@ def test_check_passes_multi_turn_system_flags_and_tools(template: str, train_on:
 
 def test_check_passes_on_the_demo_mixture() -> None:
     from sft_exp.config import to_run_config
-    from sft_exp.model import build_tokenizer
+    from sft_exp.train.model import build_tokenizer
     from tests.conftest import compose
 
     for overrides in ([], ["template=chatml", "template.train_on=content_and_header"]):
@@ -854,7 +854,7 @@ def test_truncation_report_reads_only_the_long_rows_of_the_cache(tmp_path: Path)
     what a scan of the whole flattened source finds."""
     from sft_exp.config import to_run_config
     from sft_exp.data.pipeline import tokenize_source
-    from sft_exp.model import build_tokenizer
+    from sft_exp.train.model import build_tokenizer
     from tests.conftest import compose
 
     run = to_run_config(compose())

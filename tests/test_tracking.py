@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sft_exp.config import ConfigError, to_run_config, validate
-from sft_exp.tracking import final_summary, flatten, rename
+from sft_exp.train.tracking import final_summary, flatten, rename
 from tests.conftest import PY, compose, launch
 
 FAKE = {"WANDB_API_KEY": "fakewandbkey0123456789abcdef0123456789abcd", "HF_TOKEN": "hf_FakeTokenForTheLeakTest42"}
@@ -29,19 +29,19 @@ def test_flatten_rename_and_summary_keys() -> None:
 def test_training_flops_count_weights_and_the_causal_attention_of_each_packed_sequence() -> None:
     import torch
 
-    from sft_exp.peft_setup import count_parameters
-    from sft_exp.tracking import train_flops
-    from sft_exp.train import PackedCollator, attention_pairs
+    from sft_exp.train.collator import PackedCollator, attention_pairs
+    from sft_exp.train.model import count_parameters
+    from sft_exp.train.tracking import train_flops
 
     # two packed rows of sequences 3+2 and 4 tokens, padding-free: one flat row, positions restart per sequence
     rows = [
-        {"input_ids": [1] * 5, "assistant_masks": [1] * 5, "seq_lengths": [3, 2], "seq_sources": [0, 1]},
-        {"input_ids": [1] * 4, "assistant_masks": [1] * 4, "seq_lengths": [4], "seq_sources": [0]},
+        {"input_ids": [1] * 5, "loss_mask": [1] * 5, "seq_lengths": [3, 2], "seq_sources": [0, 1]},
+        {"input_ids": [1] * 4, "loss_mask": [1] * 4, "seq_lengths": [4], "seq_sources": [0]},
     ]
     want = 3 * 4 + 2 * 3 + 4 * 5
     assert attention_pairs(PackedCollator(0)(rows)) == want
     padded = PackedCollator(0, padding_free=False)(
-        [rows[1], {**rows[1], "input_ids": [1, 1], "seq_lengths": [2], "assistant_masks": [1, 1]}]
+        [rows[1], {**rows[1], "input_ids": [1, 1], "seq_lengths": [2], "loss_mask": [1, 1]}]
     )
     assert attention_pairs(padded) == 4 * 5 + 2 * 3  # the real lengths, not the padded width
     # 6 N per token + 6 L d_attn sum s(s+1): e.g. N=10, 9 tokens, L=2, d=8
@@ -113,7 +113,7 @@ def assert_no_secret_anywhere(root: Path, *texts: str) -> None:
 
 @pytest.mark.slow
 def test_wandb_offline_run_logs_config_metrics_mixture_and_no_secret(tmp_path: Path, fast_args: list[str]) -> None:
-    from sft_exp.compare import run_from_wandb
+    from sft_exp.tools.compare import run_from_wandb
 
     args = [*small(fast_args, 3), "tracking=wandb", "tracking.mode=offline"]
     args += ["tracking.project=sft-test", "tracking.tags=[smoke,ci]"]
@@ -200,7 +200,7 @@ def test_tensorboard_run_writes_scalars_config_and_mixture(tmp_path: Path, fast_
 
 
 def test_tracking_none_adds_no_tracker_files(tmp_path: Path) -> None:
-    from sft_exp import tracking
+    from sft_exp.train import tracking
 
     t = tracking.start(to_run_config(compose()), tmp_path, None)
     assert t.backend == "none" and not any(tmp_path.iterdir())

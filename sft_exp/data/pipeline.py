@@ -25,9 +25,10 @@ import numpy as np
 from sft_exp.config import RunConfig
 from sft_exp.data import packing as pk
 from sft_exp.data.mixture import select_mixture
-from sft_exp.data.sources import DataError, check_same_columns, fingerprint, load_source, row_problem
+from sft_exp.data.sources import check_same_columns, fingerprint, load_source, row_problem
 from sft_exp.data.template import RenderSpec, encode_conversations, row_kwargs
 from sft_exp.data.template_check import check_template, truncation_lines, truncation_report
+from sft_exp.errors import DataError
 
 CACHE_VERSION = "2"
 
@@ -308,7 +309,7 @@ def _pack(
     table = pa.table(
         {
             "input_ids": list_col(out_ids, row_offsets),
-            "assistant_masks": list_col(out_masks, row_offsets),
+            "loss_mask": list_col(out_masks, row_offsets),
             "seq_lengths": list_col(plan.length.astype(np.int32), plan.row_offsets),
             "seq_sources": list_col(piece_src.astype(np.int16), plan.row_offsets),
         }
@@ -337,7 +338,7 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path, *, verbose: bo
     spec = RenderSpec.build(run.template, tokenizer)
     names = sorted(run.mixture.sources)  # sorted: the result does not depend on the listing order
     # Prove the loss mask on samples of every source before tokenising anything (raises, naming source and row).
-    from sft_exp.distributed import is_main_process
+    from sft_exp.ranks import is_main_process
 
     template_check = check_template(run, spec, tokenizer) if run.train.assistant_only_loss else None
     if template_check is not None and verbose and is_main_process():
@@ -395,7 +396,7 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path, *, verbose: bo
         only = [sel if s is src else blanks[0] for s in sources]
         ds, _, _, _ = _pack(run, sources, only)
         eval_sets[src.name] = ds
-        eval_trained[src.name] = int(sum(int(np.sum(m)) for m in ds["assistant_masks"]))
+        eval_trained[src.name] = int(sum(int(np.sum(m)) for m in ds["loss_mask"]))
 
     total_tokens = sum(s["tokens"] for s in per_source.values())
     stats = {

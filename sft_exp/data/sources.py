@@ -14,14 +14,11 @@ import os
 from typing import Any
 
 from sft_exp.config import ConfigError, SourceConfig
+from sft_exp.errors import DataError
 
 VALID_ROLES = frozenset({"system", "user", "assistant", "tool"})
 DEFAULT_COLUMNS = ("messages", "chat_template_kwargs")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
-
-
-class DataError(ValueError):
-    """Bad data in a source: the message names the source, the row and how to fix it."""
 
 
 def _local_files(path: str) -> tuple[str, list[str]]:

@@ -60,6 +60,7 @@ import numpy as np
 
 from sft_exp.config import TemplateConfig, TrainOn
 from sft_exp.data import fast_render
+from sft_exp.errors import TemplateError
 
 GENERATION_RE = r"\{\%-?\s*generation\s*-?\%\}"
 # A private-use character: probe contents that cannot collide with template text.
@@ -99,7 +100,9 @@ class RenderSpec:
     def build(cls, tcfg: TemplateConfig, tokenizer: Any) -> RenderSpec:
         template = tokenizer.chat_template
         if not isinstance(template, str) or not template:
-            raise ValueError("the tokenizer has no chat template; set template=smollm3 or template.chat_template")
+            raise TemplateError(
+                "template: the tokenizer has no chat template. Set template=smollm3 or template.chat_template"
+            )
         train_on = tcfg.train_on.value if isinstance(tcfg.train_on, TrainOn) else str(tcfg.train_on)
         return cls(
             template,
@@ -134,10 +137,6 @@ def row_kwargs(spec: RenderSpec, kwargs: Any) -> dict[str, Any]:
     if kwargs:
         out.update({k: v for k, v in kwargs.items() if v is not None})
     return out
-
-
-class TemplateError(ValueError):
-    """The template cannot give a trustworthy mask; the message starts with 'template' (launch.py prints it)."""
 
 
 # ------------------------------------------------------------------------------------------------------- rendering

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from sft_exp.data.template import RenderSpec, TemplateError, encode_conversations, renderer, row_kwargs
+from sft_exp.data.template import RenderSpec, encode_conversations, renderer, row_kwargs
+from sft_exp.errors import TemplateError
 
 SAMPLE_ROWS = 32  # rows per source checked for the mask
 IDENTITY_ROWS = 8  # of which compared with apply_chat_template too (a per-row call: the slow path)

@@ -8,9 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sft_exp.checkpoints import Interrupted, SaveFailed
+from sft_exp.checkpoints import SaveFailed
 from sft_exp.config import ConfigError, DistStrategy, Mode, RunConfig
-from sft_exp.launch import HydraJob
+from sft_exp.errors import Interrupted
+from sft_exp.launch.job import HydraJob
 from sft_exp.launch.resume import open_run_dir
 
 
@@ -27,7 +28,7 @@ def resume_hint(run_dir: Path, job: HydraJob) -> str:
 
 
 def run_local(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started: float) -> dict[str, Any]:
-    from sft_exp.distributed import check_devices
+    from sft_exp.config.preflight import check_devices
 
     d = run.distributed
     if d.nodes > 1:
@@ -43,9 +44,9 @@ def run_local(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started
     try:
         if ranks == 1:
             return _in_process(run, run_dir, resume_from, started)
+        from sft_exp.config.frozen import load_frozen
         from sft_exp.launch.multiprocess import spawn_ranks
         from sft_exp.run import prepare
-        from sft_exp.rundir import load_frozen
 
         prepare(load_frozen(run_dir), run_dir)  # once, here: the ranks then read the tokenised cache
         spawn_ranks(run, run_dir, ranks, resume_from)
@@ -59,7 +60,7 @@ def run_local(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started
 
 
 def _in_process(run: RunConfig, run_dir: Path, resume_from: Path | None, started: float) -> dict[str, Any]:
-    from sft_exp.distributed import RANK_ENV, destroy_process_group, init_process_group
+    from sft_exp.launch.distributed import RANK_ENV, destroy_process_group, init_process_group
     from sft_exp.run import execute
 
     saved = {k: os.environ.get(k) for k in RANK_ENV}

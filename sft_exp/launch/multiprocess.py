@@ -30,9 +30,10 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from sft_exp.checkpoints import SAVE_FAILED_EXIT, STOP_SIGNALS, Interrupted, SaveFailed, last_complete_checkpoint
+from sft_exp.checkpoints import STOP_SIGNALS, SaveFailed, last_complete_checkpoint
 from sft_exp.config import ConfigError, RunConfig
-from sft_exp.distributed import cpu_cores
+from sft_exp.config.preflight import cpu_cores
+from sft_exp.errors import SAVE_FAILED_EXIT, Interrupted
 
 INTERRUPTED_CODES = {128 + s for s in STOP_SIGNALS}
 CLEAR_CODES = {2, SAVE_FAILED_EXIT}  # a rank that exits so printed what went wrong (sft_exp.launch.rank)

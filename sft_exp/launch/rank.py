@@ -17,8 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sft_exp.checkpoints import Interrupted, SaveFailed
-from sft_exp.config import ConfigError
+from sft_exp.errors import Interrupted, exit_code_of
 
 
 def run_rank(
@@ -35,9 +34,9 @@ def run_rank(
     after this rank has reported why."""
     import torch
 
-    from sft_exp.distributed import destroy_process_group, init_process_group
+    from sft_exp.config.frozen import load_frozen
+    from sft_exp.launch.distributed import destroy_process_group, init_process_group
     from sft_exp.run import execute
-    from sft_exp.rundir import load_frozen
 
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -50,17 +49,6 @@ def run_rank(
         raise
     finally:
         destroy_process_group()
-
-
-def exit_code(e: BaseException) -> int | None:
-    """The exit code of an error a rank reports in a line or three (None: a bug, whose traceback is the report)."""
-    from sft_exp.data.sources import DataError
-
-    if isinstance(e, (Interrupted, SaveFailed)):
-        return e.exit_code
-    if isinstance(e, (ConfigError, DataError, FileNotFoundError)):
-        return 2
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         """A clear error: say it, then exit at once with its code, without tearing the process group down first: the
         other ranks lose the connection only now, after the report, and the launcher sees this exit code first.
         (A stop signal is no error: every rank stopped at the same step; they leave the usual way.)"""
-        code = exit_code(e)
+        code = exit_code_of(e)
         if code is None or isinstance(e, Interrupted):
             return
         print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)

@@ -26,11 +26,11 @@ from typing import Any
 
 from sft_exp.checkpoints import last_complete_checkpoint, prune_incomplete
 from sft_exp.config import ConfigError, RunConfig
-from sft_exp.launch import HydraJob
-from sft_exp.rundir import FROZEN, load_frozen, write_json
+from sft_exp.config.frozen import load_frozen
+from sft_exp.io import write_json
+from sft_exp.launch.job import HydraJob
+from sft_exp.rundir import RunDir
 
-ATTEMPTS = "attempts.json"
-FINISHED = "metrics.json"
 # Keys a resumed command may change: they do not change what is trained.
 MAY_DIFFER = ("resume", "launcher", "tracking", "cache_dir")
 
@@ -57,14 +57,14 @@ def _search_root(pattern: str) -> tuple[Path, bool]:
 def find_latest_run(job: HydraJob) -> Path:
     root, exact = _search_root(job.dir_pattern)
     if exact:
-        candidates = [root] if (root / FROZEN).is_file() else []
+        candidates = [root] if RunDir(root).is_run() else []
     else:
-        candidates = [p.parent for depth in range(1, 6) for p in root.glob("*/" * depth + FROZEN)]
+        candidates = [p.parent for depth in range(1, 6) for p in root.glob("*/" * depth + RunDir(root).frozen.name)]
     want = _override_key(job.overrides)
     matches = []
     for c in candidates:
         try:
-            info = json.loads((c / "run_info.json").read_text())
+            info = json.loads(RunDir(c).info.read_text())
         except (OSError, ValueError):
             continue
         if _override_key(list(info.get("overrides", []))) == want:
@@ -74,7 +74,7 @@ def find_latest_run(job: HydraJob) -> Path:
             f"resume: no run directory under {root} was made with the overrides {want}. "
             "Run the same command as the run you want to continue (plus resume=true), or pass resume=<run dir>"
         )
-    return max(matches, key=lambda c: (c / FROZEN).stat().st_mtime)
+    return max(matches, key=lambda c: RunDir(c).frozen.stat().st_mtime)
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -101,9 +101,10 @@ def config_differences(frozen: RunConfig, current: RunConfig) -> list[str]:
 
 
 def _check_resumable(run: RunConfig, run_dir: Path) -> None:
-    if (run_dir / FINISHED).exists():
+    if RunDir(run_dir).is_finished():
         raise ConfigError(
-            f"resume: the run in {run_dir} has finished (it has {FINISHED}); there is nothing to continue. "
+            f"resume: the run in {run_dir} has finished (it has {RunDir(run_dir).metrics.name}); there is nothing to "
+            "continue. "
             "Start a new run without resume"
         )
     diffs = config_differences(load_frozen(run_dir), run)
@@ -135,7 +136,7 @@ def _drop_unused_output_dir(out: Path, run_dir: Path) -> None:
 
 
 def record_attempt(run_dir: Path, attempt: dict[str, Any]) -> None:
-    path = run_dir / ATTEMPTS
+    path = RunDir(run_dir).attempts
     try:
         attempts = json.loads(path.read_text()) if path.exists() else []
     except ValueError:
@@ -145,7 +146,7 @@ def record_attempt(run_dir: Path, attempt: dict[str, Any]) -> None:
 
 def _attempts(run_dir: Path) -> list[dict[str, Any]]:
     try:
-        return json.loads((run_dir / ATTEMPTS).read_text())
+        return json.loads(RunDir(run_dir).attempts.read_text())
     except (OSError, ValueError):
         return []
 

@@ -26,11 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sft_exp.checkpoints import STOP, Interrupted, SaveFailed
+from sft_exp.checkpoints import SaveFailed
 from sft_exp.config import ConfigError, RunConfig
-from sft_exp.launch import HydraJob
+from sft_exp.errors import Interrupted
+from sft_exp.io import write_json
+from sft_exp.launch.job import HydraJob
 from sft_exp.launch.resume import open_run_dir
-from sft_exp.rundir import write_json
+from sft_exp.train.callbacks.stop_on_signal import STOP
 
 POLL_S = 1.0
 
@@ -43,7 +45,7 @@ def master_port(job_id: str) -> int:
 def run_task(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started: float) -> dict[str, Any]:
     import submitit
 
-    from sft_exp.distributed import check_devices, cpu_cores
+    from sft_exp.config.preflight import check_devices, cpu_cores
 
     env = submitit.JobEnvironment()
     d = run.distributed
@@ -84,8 +86,8 @@ def run_task(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started:
             run_dir, resume_from = open_run_dir(run, job, freeze, slurm_job_id=env.job_id)
             print(f"run directory: {run_dir}", flush=True)
             if world > 1:
+                from sft_exp.config.frozen import load_frozen
                 from sft_exp.run import prepare
-                from sft_exp.rundir import load_frozen
 
                 prepared = prepare(load_frozen(run_dir), run_dir)
             write_json(ready, {"attempt": attempt, "run_dir": str(run_dir), "resume_from": _str(resume_from)})

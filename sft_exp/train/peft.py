@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_exp.config import ConfigError, PeftMethod, RunConfig
+from sft_exp.train.model import count_parameters
 
 # Architectures whose linear layers carry llama's names; LoRA goes on all seven projections of every block (the
 # QLoRA paper's finding: adapters on every linear layer match full fine-tuning, attention-only ones do not).
@@ -84,41 +85,8 @@ def build_peft_config(run: RunConfig, model: Any) -> Any:
     )
 
 
-def quantization_kwargs(run: RunConfig) -> dict[str, Any]:
-    """from_pretrained kwargs for peft=qlora: a bitsandbytes 4-bit base placed whole on this rank's GPU."""
-    if run.peft.method != PeftMethod.qlora:
-        return {}
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    dtype = getattr(torch, run.model.dtype.value)
-    # One full copy of the base per rank (DDP): the GPU of this local rank, or the only one a launcher left visible.
-    device = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
-    return {
-        "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=run.peft.quant_type.value,
-            bnb_4bit_use_double_quant=run.peft.double_quant,
-            bnb_4bit_compute_dtype=dtype,
-        ),
-        "device_map": {"": device},
-    }
-
-
-def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total), each shared (tied) tensor once; right for 4-bit bases and ZeRO-3 partitions too."""
-    if hasattr(model, "get_nb_trainable_parameters"):  # a PeftModel: knows packed 4-bit weights and ds_numel
-        return tuple(int(x) for x in model.get_nb_trainable_parameters())  # type: ignore[return-value]
-    trainable = total = 0
-    for prm in model.parameters():
-        n = getattr(prm, "ds_numel", 0) or prm.numel()
-        total += n
-        trainable += n if prm.requires_grad else 0
-    return trainable, total
-
-
 def _is_main_process() -> bool:
-    from sft_exp.distributed import is_main_process
+    from sft_exp.ranks import is_main_process
 
     return is_main_process()
 
@@ -270,7 +238,7 @@ def save_merged(run: RunConfig, run_dir: Path, base_ref: Any, revision: str | No
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from sft_exp.model import align_with_tokenizer
+    from sft_exp.train.model import align_with_tokenizer
 
     m = run.model
     with _plain_loading():

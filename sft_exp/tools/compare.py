@@ -1,8 +1,8 @@
 """Compare runs: a table on stdout, compare.md, compare.csv and PNG plots, from a sweep, run directories or W&B.
 
-    python -m sft_exp.compare outputs/sweeps/2026-11-28/12-00-00              # a sweep (writes into it)
-    python -m sft_exp.compare outputs/runs/2026-11-28/10-* --out cmp/         # any run directories
-    python -m sft_exp.compare --wandb my-team/sft-exp --group 2026-11-28/12-00-00 --out cmp/
+    python -m sft_exp.tools.compare outputs/sweeps/2026-11-28/12-00-00              # a sweep (writes into it)
+    python -m sft_exp.tools.compare outputs/runs/2026-11-28/10-* --out cmp/         # any run directories
+    python -m sft_exp.tools.compare --wandb my-team/sft-exp --group 2026-11-28/12-00-00 --out cmp/
 
 One row per run: the swept values, status, steps, final train loss, overall and per-source eval loss after training,
 tokens/s and wall time; the best run (lowest objective: `--objective all` or a source name) is marked. Plots:
@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sft_exp.sweep import INDEX, JOB_FILE, compact, load_index, short_key
+from sft_exp.config.naming import compact, short_key
+from sft_exp.io import read_json
+from sft_exp.rundir import RunDir
+from sft_exp.tools.sweep_index import INDEX, load_index
 
 # Config keys that never count as "swept" when runs are diffed (names, paths and bookkeeping, not the experiment).
 NOT_EXPERIMENT = re.compile(r"^(tracking\.|sweep\.|cache_dir$|inspect\.|launcher\.|resume$|experiment$)")
@@ -57,13 +60,6 @@ class RunRecord:
 
 
 # ------------------------------------------------------------------------------------------------------ local runs
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _typed(v: Any) -> Any:
     if isinstance(v, str):
         try:
@@ -77,7 +73,7 @@ def _typed(v: Any) -> Any:
 def _flat_frozen(run_dir: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from sft_exp.tracking import flatten
+    from sft_exp.train.tracking import flatten
 
     try:
         cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "run_config.yaml"), resolve=False)
@@ -88,10 +84,10 @@ def _flat_frozen(run_dir: Path) -> dict[str, Any]:
 
 def _log_history(run_dir: Path) -> list[dict[str, Any]]:
     """trainer_state.json of the run, or of its latest checkpoint when the run has not finished."""
-    state = _read_json(run_dir / "trainer_state.json")
+    state = read_json(run_dir / "trainer_state.json")
     if state is None:
         ckpts = sorted(run_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
-        state = _read_json(ckpts[-1]) if ckpts else None
+        state = read_json(ckpts[-1]) if ckpts else None
     return (state or {}).get("log_history", [])
 
 
@@ -143,8 +139,8 @@ def curves_from_history(
 
 
 def load_run(run_dir: Path, status: str | None = None, swept: dict[str, Any] | None = None) -> RunRecord:
-    final = _read_json(run_dir / "metrics.json") or {}
-    job = _read_json(run_dir / JOB_FILE) or {}
+    final = read_json(RunDir(run_dir).metrics) or {}
+    job = read_json(RunDir(run_dir).sweep_job) or {}
     train, evals = curves_from_history(_log_history(run_dir), final)
     return RunRecord(
         name=job.get("name") or run_dir.name,
@@ -203,7 +199,7 @@ def collect(paths: list[Path]) -> tuple[list[RunRecord], list[str], str]:
         for d in loose:
             rec = load_run(d)
             rec.swept = {**{k: flats[d].get(k) for k in differing}, **rec.swept}
-            if not (d / JOB_FILE).exists():
+            if not RunDir(d).sweep_job.exists():
                 rec.name = ",".join(f"{short_key(k)}={_val(flats[d].get(k))}" for k in differing) or d.name
             runs.append(rec)
         if len(titles) == len([p for p in paths if (p / INDEX).exists()]):  # only explicit run directories
@@ -224,7 +220,7 @@ def run_from_wandb(
     summary: dict[str, Any],
     history: list[dict[str, Any]],
 ) -> RunRecord:
-    """A W&B run (as sft_exp.tracking logged it) -> RunRecord. Inputs are plain data, from the API or offline files."""
+    """A W&B run (as sft_exp.train.tracking logged it) -> RunRecord. Inputs are plain data (API or offline files)."""
 
     def section(prefix: str) -> dict[str, float]:
         return {k.removeprefix(prefix): v for k, v in summary.items() if k.startswith(prefix)}
@@ -554,7 +550,7 @@ def write_report(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m sft_exp.compare",
+        prog="python -m sft_exp.tools.compare",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawTextHelpFormatter,
     )

@@ -16,11 +16,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+from sft_exp.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A configuration problem found before anything heavy runs; the message says what, where and how to fix."""
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 # --------------------------------------------------------------------------------------------------------- choices
@@ -48,7 +46,9 @@ class AttnImpl(str, Enum):
     flash_attention_2 = "flash_attention_2"
     flash_attention_3 = "flash_attention_3"
     flash_attention_4 = "flash_attention_4"
-    varlen = "varlen"  # PyTorch's own FlashAttention varlen kernel (sft_exp/attention.py); CUDA, no flash-attn needed
+    varlen = (
+        "varlen"  # PyTorch's own FlashAttention varlen kernel (sft_exp/train/attention.py); CUDA, no flash-attn needed
+    )
 
 
 class Weighting(str, Enum):
@@ -281,7 +281,7 @@ class InspectConfig:
 
 @dataclass
 class PeftConfig:
-    """Parameter-efficient fine-tuning (conf/peft/*.yaml), built into a peft.LoraConfig by sft_exp.peft_setup."""
+    """Parameter-efficient fine-tuning (conf/peft/*.yaml), built into a peft.LoraConfig by sft_exp.train.peft."""
 
     method: PeftMethod = PeftMethod.none
     r: int = 16  # LoRA rank
@@ -443,7 +443,7 @@ def validate_distributed_and_resume(cfg: RunConfig) -> None:
             "Keep FSDP's (train.gradient_checkpointing=false), which FSDP2 prefers",
         )
     if d.strategy == DistStrategy.fsdp and str(d.fsdp.get("version", 1)) != "2":
-        # FSDP1 is deprecated in torch and accelerate, and cannot run on CPU ranks (sft_exp.distributed).
+        # FSDP1 is deprecated in torch and accelerate, and cannot run on CPU ranks (sft_exp.launch.distributed).
         _fail(
             "distributed.fsdp.version",
             f"is {d.fsdp.get('version', '<absent>')}: sft-exp runs FSDP2 only",
@@ -614,28 +614,19 @@ def check_sft_extra(extra: dict[str, Any], sft_fields: set[str], explicit: set[s
 
 
 # ------------------------------------------------------------------------------------------------------ Hydra glue
-def register_configs() -> None:
-    """Register the schema in Hydra's ConfigStore and the `${asset:...}` resolver. Idempotent."""
-    from hydra.core.config_store import ConfigStore
+def register_asset_resolver() -> None:
+    """`${asset:<path>}`: a file shipped in sft_exp/assets (the tiny model, demo data, templates). Idempotent."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda rel: str(ASSETS / rel))
-    if not OmegaConf.has_resolver("claim_dir"):  # the default hydra.run.dir: never shared by two runs
-        from sft_exp.rundir import claim_dir
-
-        OmegaConf.register_new_resolver("claim_dir", claim_dir)
-    from sft_exp.sweep import register_resolvers  # ${run_dirname:...}: sweep run directory names
-
-    register_resolvers()
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
 def to_run_config(cfg: Any) -> RunConfig:
     """A composed (or loaded) DictConfig -> the typed RunConfig, interpolations resolved."""
     from omegaconf import OmegaConf
 
-    register_configs()
+    register_asset_resolver()
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, RunConfig)

@@ -1,7 +1,7 @@
 """The sweep index: one JSON file per sweep directory listing its runs (overrides, swept values, status, final metrics).
 
-    python -m sft_exp.sweep outputs/sweeps/2026-11-28/12-00-00            # print the index (refreshed from disk)
-    python -m sft_exp.sweep outputs/sweeps/2026-11-28/12-00-00 --rebuild  # rebuild it from the run directories
+    python -m sft_exp.tools.sweep_index outputs/sweeps/<date>/<time>            # print the index (refreshed from disk)
+    python -m sft_exp.tools.sweep_index outputs/sweeps/<date>/<time> --rebuild  # rebuild it from the run directories
 
 Who writes it, and why it survives the launcher going away:
 - `SweepIndexCallback.on_multirun_start` (the launching process, before any job) writes the sweep's header: the
@@ -20,48 +20,26 @@ Only light imports here (json, filelock, hydra's callback base): it is imported 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import re
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-INDEX = "sweep_index.json"
-JOB_FILE = "sweep_job.json"  # in each run directory: its sweep, name and swept values (read by tracking, compare)
-METRICS = "metrics.json"
+from sft_exp.config.naming import compact, short_key
+from sft_exp.io import read_json, write_json
+from sft_exp.rundir import SWEEP_INDEX, RunDir
+
+INDEX = SWEEP_INDEX
 FINAL_KEYS = ("eval_loss_after", "eval_loss_before", "train_loss_last", "train_loss_mean", "global_steps")
 FINAL_KEYS += ("train_tokens_per_second", "packing_efficiency", "wall_seconds", "mfu")
-LONG_FLOAT = re.compile(r"\d*\.\d{5,}(?:[eE][-+]?\d+)?")  # Optuna's samples: 0.5939321535345923
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a multi-process job (torchrun's RANK, else Slurm's SLURM_PROCID); a plain process is rank 0."""
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var]) == 0
-    return True
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -70,32 +48,6 @@ def parse_override(text: str) -> tuple[str, str]:
     if key.startswith("~"):
         return key.lstrip("~"), "~"
     return key.lstrip("+"), value
-
-
-def swept_keys(task_overrides: list[str], sweeper_params: dict[str, Any] | None) -> list[str]:
-    """Keys a multirun varies: sweep syntax on the command line (a,b / range / interval / choice) + sweeper params."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    keys: list[str] = []
-    for o in OverridesParser.create().parse_overrides(list(task_overrides)):
-        if o.is_sweep_override() and o.key_or_group not in keys:
-            keys.append(o.key_or_group)
-    for k in sweeper_params or {}:
-        k = parse_override(f"{k}=")[0]
-        if k not in keys:
-            keys.append(k)
-    return keys
-
-
-def short_key(key: str) -> str:
-    """A label for plots and run names: mixture.sources.arith.weight -> arith.weight, train.learning_rate -> lr."""
-    key = key.removeprefix("mixture.sources.").removeprefix("train.")
-    return {"learning_rate": "lr"}.get(key, key)
-
-
-def compact(value: Any) -> str:
-    """Optuna's 0.5939321535345923 -> 0.5939 (for names and tables; the exact value stays in the overrides)."""
-    return LONG_FLOAT.sub(lambda m: f"{float(m.group()):.4g}", str(value))
 
 
 def run_name(swept: dict[str, str], fallback: str) -> str:
@@ -115,46 +67,12 @@ def _objective_of(final: dict[str, Any], objective: str) -> float | None:
 
 def final_metrics(run_dir: Path, objective: str = "all") -> dict[str, Any] | None:
     """The compact final metrics of a finished run (None if metrics.json is absent: not finished)."""
-    m = _read_json(Path(run_dir) / METRICS)
+    m = read_json(RunDir(run_dir).metrics)
     if not isinstance(m, dict):
         return None
     final = {k: m[k] for k in FINAL_KEYS if k in m}
     final["objective"] = _objective_of(final, objective)
     return final
-
-
-MAX_DIRNAME = 200  # a file name may have 255 bytes
-
-
-def run_dirname(override_dirname: str, job_num: Any = None) -> str:
-    """A sweep run's directory name: its overrides (hydra.job.override_dirname), as they are when short.
-
-    A name that would not fit a file name (255 bytes), or holds Optuna's 16-digit floats, is compacted: short keys,
-    floats to 4 significant digits, prefixed with the job number so names stay unique (the exact values are in the
-    run's .hydra/overrides.yaml and the sweep index); a path in a value never nests directories.
-    """
-    name = str(override_dirname).replace("/", "_") or f"job{job_num}"
-    if len(name) <= MAX_DIRNAME and not LONG_FLOAT.search(name):
-        return name
-    parts = []
-    for item in str(override_dirname).split(","):
-        key, eq, value = item.partition("=")
-        value = compact(value)
-        parts.append(f"{short_key(key)}{eq}{value}".replace("/", "_"))
-    name = f"{job_num}_" + ",".join(parts)
-    if len(name) > MAX_DIRNAME:
-        digest = hashlib.sha1(str(override_dirname).encode()).hexdigest()[:8]
-        name = f"{name[: MAX_DIRNAME - 9]}-{digest}"
-    return name
-
-
-def register_resolvers() -> None:
-    """${run_dirname:<override_dirname>,<job num>} for hydra.sweep.subdir. Idempotent; runs at import too, so a
-    submitit worker (which unpickles this module's callback before resolving its job's directory) has it."""
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("run_dirname"):
-        OmegaConf.register_new_resolver("run_dirname", run_dirname)
 
 
 # ------------------------------------------------------------------------------------------------------ the index
@@ -171,7 +89,7 @@ class SweepIndex:
         return FileLock(str(self.dir / f".{INDEX}.lock"), timeout=120)
 
     def read(self) -> dict[str, Any]:
-        data = _read_json(self.path)
+        data = read_json(self.path)
         return data if isinstance(data, dict) else {"sweep_dir": str(self.dir), "runs": {}}
 
     def update(self, fn: Any) -> dict[str, Any]:
@@ -183,7 +101,7 @@ class SweepIndex:
             fn(data)
             data["updated"] = _now()
             data["runs"] = data.pop("runs")  # the header first, the (long) list of runs last
-            _write_json(self.path, data)
+            write_json(self.path, data)
             return data
 
     def set_header(self, **fields: Any) -> None:
@@ -260,8 +178,8 @@ def _discover_runs(sweep_dir: Path) -> dict[str, dict[str, Any]]:
         run_dir = info_path.parent
         if any(part.startswith("checkpoint-") for part in run_dir.parts):
             continue
-        info = _read_json(info_path) or {}
-        job = _read_json(run_dir / JOB_FILE) or {}
+        info = read_json(info_path) or {}
+        job = read_json(RunDir(run_dir).sweep_job) or {}
         final = final_metrics(run_dir, job.get("objective", "all"))
         out[str(run_dir.relative_to(sweep_dir))] = {
             "dir": str(run_dir.relative_to(sweep_dir)),
@@ -292,129 +210,6 @@ def rebuild(sweep_dir: str | Path, write: bool = True) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------ job side
-def describe_job(hc: Any) -> dict[str, Any]:
-    """In a Hydra job: {sweep_dir, job_num, name, swept {key: value}, overrides, group} (sweep_dir None: single run)."""
-    from hydra.types import RunMode
-
-    overrides = [str(o) for o in hc.overrides.task]
-    values = dict(parse_override(o) for o in overrides)
-    if hc.mode != RunMode.MULTIRUN:
-        return {"sweep_dir": None, "name": hc.job.override_dirname or "default", "swept": {}, "overrides": overrides}
-    sweep_dir = Path(str(hc.sweep.dir)).resolve()
-    header = _read_json(sweep_dir / INDEX) or {}
-    keys = header.get("swept")
-    if keys is None:  # no callback ran in the launcher: the sweeper's params are all this process can see
-        keys = swept_keys([], _params(hc.sweeper))
-    swept = {k: values[k] for k in keys if k in values}
-    return {
-        "sweep_dir": str(sweep_dir),
-        "job_num": int(hc.job.num),
-        "name": run_name(swept, hc.job.override_dirname or f"job{hc.job.num}"),
-        "group": group_name(sweep_dir),
-        "swept": swept,
-        "overrides": overrides,
-    }
-
-
-def _params(sweeper_cfg: Any) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    params = sweeper_cfg.get("params") if sweeper_cfg is not None else None
-    return OmegaConf.to_container(params) if params is not None else {}  # type: ignore[return-value]
-
-
-def _base_callback() -> type:
-    try:
-        from hydra.experimental.callback import Callback
-
-        return Callback
-    except ImportError:  # pragma: no cover - hydra is a dependency; keeps `python -m sft_exp.sweep` importable
-        return object
-
-
-class SweepIndexCallback(_base_callback()):  # type: ignore[misc]
-    """Hydra callback (conf/config.yaml: hydra.callbacks.sweep_index) that keeps the index of a multirun.
-
-    on_multirun_start and on_multirun_end run in the launching process; on_job_start and on_job_end run in each
-    job's own process (for submitit/Slurm, on the node), so the index is complete however the jobs were launched.
-    """
-
-    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        h = config.hydra
-        sweep_dir = Path(str(h.sweep.dir)).resolve()
-        task = [str(o) for o in h.overrides.task]
-        keys = swept_keys(task, _params(h.sweeper))
-        objective = str(config.get("sweep", {}).get("objective", "all"))
-        sweeper = str(h.sweeper.get("_target_", "")).rsplit(".", 1)[-1]
-        launcher = str(h.launcher.get("_target_", "")).rsplit(".", 1)[-1]
-        command = " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
-        SweepIndex(sweep_dir).set_header(
-            sweep_dir=str(sweep_dir),
-            group=group_name(sweep_dir),
-            command=command,
-            sweeper=sweeper,
-            launcher=launcher,
-            overrides=task,
-            params=_params(h.sweeper),
-            swept=keys,
-            objective=objective,
-            status="running",
-            started=_now(),
-            launcher_host=socket.gethostname(),
-            launcher_pid=os.getpid(),
-        )
-
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
-        data = load_index(sweep_dir)
-        failed = [k for k, e in data["runs"].items() if e.get("status") != "finished"]
-        SweepIndex(sweep_dir).set_header(status="failed" if failed else "finished", ended=_now())
-        print("\n" + format_index(load_index(sweep_dir)), flush=True)
-        print(f"sweep index: {sweep_dir / INDEX}\ncompare:     python -m sft_exp.compare {sweep_dir}", flush=True)
-
-    def _is_sweep_job(self, config: Any) -> bool:
-        from hydra.types import RunMode
-
-        return config.hydra.mode == RunMode.MULTIRUN and is_main_process()
-
-    def on_job_start(self, config: Any, **kwargs: Any) -> None:
-        if not self._is_sweep_job(config):
-            return
-        h = config.hydra
-        run_dir = Path(str(h.runtime.output_dir))
-        job = describe_job(h)
-        SweepIndex(h.sweep.dir).record_run(
-            run_dir,
-            job_num=job["job_num"],
-            name=job["name"],
-            swept=job["swept"],
-            overrides=job["overrides"],
-            status="running",
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            slurm_job_id=os.environ.get("SLURM_JOB_ID"),
-            started=_now(),
-            ended=None,
-            error=None,
-        )
-
-    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
-        if not self._is_sweep_job(config):
-            return
-        from hydra.core.utils import JobStatus
-
-        h = config.hydra
-        run_dir = Path(str(h.runtime.output_dir))
-        objective = str(config.get("sweep", {}).get("objective", "all"))
-        fields: dict[str, Any] = {"ended": _now()}
-        if job_return.status == JobStatus.COMPLETED:
-            fields.update(status="finished", final=final_metrics(run_dir, objective))
-        else:
-            err = getattr(job_return, "_return_value", None)
-            fields.update(status="failed", error=f"{type(err).__name__}: {err}"[:2000])
-        SweepIndex(h.sweep.dir).record_run(run_dir, **fields)
-
-
 # ------------------------------------------------------------------------------------------------------ display
 def _fmt(v: Any) -> str:
     if v is None:
@@ -455,7 +250,7 @@ def format_index(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sft_exp.sweep", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sft_exp.tools.sweep_index", description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep_dir", type=Path)
     ap.add_argument("--rebuild", action="store_true", help="rebuild the index from the run directories")
     ap.add_argument("--json", action="store_true", help="print the index as JSON")
@@ -473,8 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(data, indent=2, default=str) if a.json else format_index(data))
     return 0
 
-
-register_resolvers()
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -15,18 +15,17 @@ CUDA only (the kernel has no CPU implementation): `check_attention` refuses it o
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import weakref
 from typing import Any
 
-NAME = "varlen"
+from sft_exp.config.preflight import VARLEN as NAME
+from sft_exp.config.preflight import varlen_available
 
 _boundaries: dict[str, Any] = {"ref": None, "value": None}
 
 
-def available() -> bool:
-    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+available = varlen_available  # torch >= 2.9 ships the kernel
 
 
 def cu_seqlens_from_position_ids(position_ids: Any) -> tuple[Any, int]:
@@ -115,41 +114,3 @@ def register() -> None:
     AttentionInterface.register(NAME, varlen_attention_forward)
     # No 4D mask: like flash attention, the kernel takes the boundaries, not a mask.
     AttentionMaskInterface.register(NAME, flash_attention_mask)
-
-
-def check_attention(attn_implementation: str, use_liger_kernel: bool, cuda: bool) -> None:
-    """Refuse, before anything is written, attention kernels and liger where they cannot run."""
-    from sft_exp.config import ConfigError
-
-    if attn_implementation == NAME:
-        if not available():
-            raise ConfigError(
-                "model.attn_implementation: varlen needs torch >= 2.9 (torch.nn.attention.varlen). "
-                "Upgrade torch or use model.attn_implementation=sdpa"
-            )
-        if not cuda:
-            raise ConfigError(
-                "model.attn_implementation: varlen is a CUDA kernel and this machine has no GPU. "
-                "Use model.attn_implementation=sdpa on CPUs"
-            )
-    if attn_implementation.startswith("flash_attention"):
-        package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(
-            attn_implementation, "flash_attn"
-        )
-        if not cuda or importlib.util.find_spec(package) is None:
-            where = "this machine has no GPU" if not cuda else f"the '{package}' package is not installed"
-            raise ConfigError(
-                f"model.attn_implementation: {attn_implementation} cannot run: {where}. Use "
-                "model.attn_implementation=varlen (PyTorch's own FlashAttention varlen kernel, CUDA) or sdpa (any "
-                "device), or pip install flash-attn"
-            )
-    if use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
-        raise ConfigError(
-            "train.use_liger_kernel: true but liger-kernel is not installed. pip install 'sft-exp[gpu]' (or "
-            "liger-kernel), or set train.use_liger_kernel=false"
-        )
-    if use_liger_kernel and not cuda:
-        raise ConfigError(
-            "train.use_liger_kernel: liger's kernels are Triton GPU kernels and this machine has no GPU. "
-            "Set train.use_liger_kernel=false"
-        )

@@ -12,17 +12,16 @@ again before anything is sent, so a key can reach neither run_config.yaml nor th
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 from sft_exp.config import RunConfig, TrackingBackend, secret_env_values
+from sft_exp.io import read_json
+from sft_exp.rundir import RunDir
 
 log = logging.getLogger("sft_exp")
 
-STATE_FILE = "tracking.json"  # <run_dir>/tracking.json: {"wandb_id": ...} so a resumed run continues the same run
 
 # Peak dense bf16 TFLOP/s per GPU (no sparsity), for MFU; matched against torch.cuda.get_device_name().
 PEAK_TFLOPS = {
@@ -77,11 +76,11 @@ def flat_config(run: RunConfig, run_dir: Path, stats: dict[str, Any] | None = No
     cfg = OmegaConf.to_container(OmegaConf.structured(run), enum_to_str=True)
     flat = flatten(cfg)
     flat["run_dir"] = str(run_dir)
-    info = _read_json(run_dir / "run_info.json")
+    info = read_json(RunDir(run_dir).info)
     if info:
         flat["git_sha"] = info.get("git_sha")
         flat["overrides"] = info.get("overrides")
-    job = _read_json(run_dir / "sweep_job.json")
+    job = read_json(RunDir(run_dir).sweep_job)
     if job:
         flat["sweep.dir"] = job.get("sweep_dir")
         flat["sweep.job_num"] = job.get("job_num")
@@ -117,13 +116,6 @@ def mixture_rows(stats: dict[str, Any]) -> list[list[Any]]:
         row = {**s, "source": name, "share": shares.get(f"mixture.share.{name}")}
         rows.append([row.get(c) for c in MIXTURE_COLUMNS])
     return rows
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # Per-source eval timings the Trainer logs for every eval set: clutter in a tracker, dropped.
@@ -209,7 +201,7 @@ class WandbTracker(Tracker):
         import wandb
 
         t = run.tracking
-        state = _read_json(run_dir / STATE_FILE) or {}
+        state = read_json(RunDir(run_dir).tracking_state) or {}
         run_id = state.get("wandb_id") or new_run_id()
         resumed = "wandb_id" in state
         tags = list(t.tags)
@@ -235,10 +227,11 @@ class WandbTracker(Tracker):
         # Every metric is plotted against the optimizer step, whatever order the logs arrive in.
         self.run.define_metric("train/global_step")
         self.run.define_metric("*", step_metric="train/global_step", step_sync=True)
-        from sft_exp.rundir import write_json
+        from sft_exp.io import write_json
 
         write_json(
-            run_dir / STATE_FILE, {"backend": "wandb", "wandb_id": run_id, "project": t.project, "entity": t.entity}
+            RunDir(run_dir).tracking_state,
+            {"backend": "wandb", "wandb_id": run_id, "project": t.project, "entity": t.entity},
         )
         log.info("W&B run %s (%s, %s%s)", run_id, t.mode.value, t.name, ", resumed" if resumed else "")
 
@@ -271,7 +264,7 @@ class TensorBoardTracker(Tracker):
         self.dir = run_dir / "tensorboard"
         self.writer = SummaryWriter(log_dir=str(self.dir))
         self.config = flat_config(run, run_dir, stats)
-        self.swept = set((_read_json(run_dir / "sweep_job.json") or {}).get("swept", {}))
+        self.swept = set((read_json(RunDir(run_dir).sweep_job) or {}).get("swept", {}))
         self.final: dict[str, float] = {}
         rows = "\n".join(f"| {k} | {v} |" for k, v in self.config.items())
         self.writer.add_text("config", "| key | value |\n|---|---|\n" + rows, 0)
@@ -302,7 +295,7 @@ class TensorBoardTracker(Tracker):
 
 def start(run: RunConfig, run_dir: Path, stats: dict[str, Any] | None = None) -> Tracker:
     """The run's tracker (rank 0 only; every other rank gets the no-op Tracker)."""
-    from sft_exp.sweep import is_main_process
+    from sft_exp.ranks import is_main_process
 
     backend = run.tracking.backend
     if backend == TrackingBackend.none or not is_main_process():
@@ -326,61 +319,3 @@ def train_flops(n_params: int, n_layers: int, d_attn: int, tokens: float, attent
     (QK^T and AV over the s (s + 1) / 2 causal pairs of each sequence, 2 x 2 FLOPs each, times 3 for the backward);
     attention_pairs is that sum over the sequences. The formula of bench/gpu_throughput.py."""
     return 6.0 * n_params * tokens + 6.0 * n_layers * d_attn * attention_pairs
-
-
-# ------------------------------------------------------------------------------------------------------ callback
-def make_callback(tracker: Tracker, peak: float | None = None, flops_window: dict[str, float] | None = None) -> Any:
-    """A transformers TrainerCallback that forwards the trainer's logs, adding tokens/s and (on a GPU) MFU.
-
-    flops_window: filled by the trainer at each training log with "attention_pairs", the sum of s * (s + 1) over the
-    sequences all ranks trained on since the previous log (without it, MFU leaves the attention term out)."""
-    window = flops_window if flops_window is not None else {}
-    from transformers import TrainerCallback
-
-    class TrackingCallback(TrainerCallback):
-        def __init__(self) -> None:
-            self.t0 = time.perf_counter()
-            self.tokens0 = 0.0
-            self.n_params = 0
-            self.n_layers = self.d_attn = 0
-            self.world = 1
-            self.mfu: list[float] = []
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-            self.t0 = time.perf_counter()
-            self.world = max(1, int(getattr(args, "world_size", 1)))
-            if model is not None:
-                from sft_exp.peft_setup import count_parameters  # ZeRO-3 partitions (numel() 0) counted too
-
-                self.n_params = count_parameters(model)[1]
-                cfg = getattr(model, "config", None)
-                if cfg is not None and hasattr(cfg, "num_attention_heads"):
-                    self.n_layers, self.d_attn = int(cfg.num_hidden_layers), attention_width(cfg)
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-            if not state.is_world_process_zero or not logs:
-                return
-            metrics = rename(logs)
-            is_train = "loss" in logs and not any(k.startswith("eval_") for k in logs)
-            if is_train and "num_tokens" in logs:
-                now = time.perf_counter()
-                tokens = float(logs["num_tokens"])
-                if now > self.t0 and tokens > self.tokens0:
-                    tps = (tokens - self.tokens0) / (now - self.t0)
-                    metrics["train/tokens_per_second"] = round(tps, 1)
-                    if peak and self.n_params:
-                        # Model FLOPs (train_flops: weights and causal document-masked attention) over the peak of
-                        # all the ranks' accelerators.
-                        pairs = window.pop("attention_pairs", 0.0)
-                        flops = train_flops(self.n_params, self.n_layers, self.d_attn, tokens - self.tokens0, pairs)
-                        mfu = flops / (now - self.t0) / self.world / (peak * 1e12)
-                        metrics["train/mfu"] = round(mfu, 4)
-                        self.mfu.append(mfu)
-                self.t0, self.tokens0 = now, tokens
-            tracker.log(metrics, state.global_step)
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if state.is_world_process_zero and self.mfu:
-                tracker.summary({"final/mfu": round(sum(self.mfu) / len(self.mfu), 4)})
-
-    return TrackingCallback()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from sft_exp.config import ModelInit, RunConfig
+from sft_exp.config import ModelInit, PeftMethod, RunConfig
 from sft_exp.data.template import GENERATION_RE, read_template
+from sft_exp.errors import TemplateError
 
 
 def build_tokenizer(run: RunConfig) -> Any:
@@ -20,19 +22,19 @@ def build_tokenizer(run: RunConfig) -> Any:
     if template is not None:
         tok.chat_template = template
     if not tok.chat_template:
-        raise ValueError(
+        raise TemplateError(
             f"template: the tokenizer of '{m.name_or_path}' has no chat template and template.chat_template is null. "
             "Choose template=smollm3 or template=chatml"
         )
     if run.train.assistant_only_loss and not re.search(GENERATION_RE, tok.chat_template):
-        raise ValueError(
+        raise TemplateError(
             "template: train.assistant_only_loss=true but the chat template has no {% generation %} markers, so no "
             "token would be marked as assistant. Use template=smollm3 or template=chatml (both carry markers), "
             "or add the markers to your template"
         )
     if t.eos_token is not None:
         if t.eos_token not in tok.get_vocab():
-            raise ValueError(f"template.eos_token: '{t.eos_token}' is not a token of the tokenizer")
+            raise TemplateError(f"template.eos_token: '{t.eos_token}' is not a token of the tokenizer")
         tok.eos_token = t.eos_token
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -44,8 +46,7 @@ def build_model(run: RunConfig, tokenizer: Any) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
-    from sft_exp.attention import register
-    from sft_exp.peft_setup import quantization_kwargs
+    from sft_exp.train.attention import register
 
     register()  # attn_implementation=varlen
     m = run.model
@@ -77,7 +78,34 @@ def align_with_tokenizer(model: Any, tokenizer: Any) -> Any:
     return model
 
 
+def quantization_kwargs(run: RunConfig) -> dict[str, Any]:
+    """from_pretrained kwargs for peft=qlora: a bitsandbytes 4-bit base placed whole on this rank's GPU."""
+    if run.peft.method != PeftMethod.qlora:
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    dtype = getattr(torch, run.model.dtype.value)
+    # One full copy of the base per rank (DDP): the GPU of this local rank, or the only one a launcher left visible.
+    device = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=run.peft.quant_type.value,
+            bnb_4bit_use_double_quant=run.peft.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        ),
+        "device_map": {"": device},
+    }
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(trainable, total), each shared (tied) tensor once; right for 4-bit bases and ZeRO-3 partitions too."""
+    if hasattr(model, "get_nb_trainable_parameters"):  # a PeftModel: knows packed 4-bit weights and ds_numel
+        return tuple(int(x) for x in model.get_nb_trainable_parameters())  # type: ignore[return-value]
+    trainable = total = 0
+    for prm in model.parameters():
+        n = getattr(prm, "ds_numel", 0) or prm.numel()
+        total += n
+        trainable += n if prm.requires_grad else 0
     return trainable, total

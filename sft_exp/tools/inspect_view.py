@@ -180,7 +180,7 @@ def run_inspect(run: RunConfig, run_dir: Path) -> dict[str, Any]:
     """The inspect stage: print the highlighted rows, write inspect.html, return a summary."""
     from sft_exp.data.template import RenderSpec
     from sft_exp.data.template_check import check_template
-    from sft_exp.model import build_tokenizer
+    from sft_exp.train.model import build_tokenizer
 
     tokenizer = build_tokenizer(run)
     names = [run.inspect.source] if run.inspect.source else sorted(run.mixture.sources)

@@ -1,0 +1,67 @@
+"""The run's configuration: the typed schema (schema.py), machine checks (preflight.py), freezing into the run
+directory (frozen.py), directory names (naming.py) and the Hydra glue (hydra_glue.py, imported only by launch.py).
+
+`from sft_exp.config import RunConfig, ConfigError, ...` reads the schema; nothing here imports torch or Hydra.
+"""
+
+from sft_exp.config.schema import (
+    ASSETS,
+    QLORA_NO_CUDA,
+    AttnImpl,
+    BadRows,
+    DistBackend,
+    DistStrategy,
+    DType,
+    InspectConfig,
+    MixtureConfig,
+    Mode,
+    ModelConfig,
+    ModelInit,
+    PackingConfig,
+    PackingStrategy,
+    PeftConfig,
+    PeftMethod,
+    RunConfig,
+    SourceConfig,
+    TemplateConfig,
+    TrackingBackend,
+    TrainConfig,
+    TrainOn,
+    check_sft_extra,
+    dump_run_config,
+    secret_env_values,
+    to_run_config,
+    validate,
+)
+from sft_exp.errors import ConfigError
+
+__all__ = [
+    "ASSETS",
+    "QLORA_NO_CUDA",
+    "AttnImpl",
+    "BadRows",
+    "ConfigError",
+    "DType",
+    "DistBackend",
+    "DistStrategy",
+    "InspectConfig",
+    "MixtureConfig",
+    "Mode",
+    "ModelConfig",
+    "ModelInit",
+    "PackingConfig",
+    "PackingStrategy",
+    "PeftConfig",
+    "PeftMethod",
+    "RunConfig",
+    "SourceConfig",
+    "TemplateConfig",
+    "TrackingBackend",
+    "TrainConfig",
+    "TrainOn",
+    "check_sft_extra",
+    "dump_run_config",
+    "secret_env_values",
+    "to_run_config",
+    "validate",
+]

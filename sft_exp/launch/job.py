@@ -1,0 +1,29 @@
+"""What the launcher needs from Hydra about the job being run, read once in the composing process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+
+@dataclass
+class HydraJob:
+    """What the launcher needs from Hydra about the job being run."""
+
+    output_dir: Path  # the directory Hydra made for this job (the run directory of a new run)
+    overrides: list[str]  # the job's task overrides (the command line, or one point of a sweep)
+    dir_pattern: str  # hydra.run.dir (or sweep dir/subdir) before interpolation: where resume=true looks
+    multirun: bool
+
+    @classmethod
+    def current(cls) -> HydraJob:
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        raw = OmegaConf.to_container(hc, resolve=False)
+        assert isinstance(raw, dict)
+        pattern = f"{raw['sweep']['dir']}/{raw['sweep']['subdir']}" if multirun else str(raw["run"]["dir"])
+        return cls(Path(hc.runtime.output_dir), list(hc.overrides.task), pattern, multirun)
