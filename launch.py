@@ -11,6 +11,9 @@ RunConfig. Heavy imports (torch, transformers) start behind sft_exp.launch.start
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,9 +24,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from sft_exp.compat import close_progress_bars
 from sft_exp.config import RunConfig, to_run_config, validate
+from sft_exp.config.compose_errors import check_composes
 from sft_exp.config.frozen import freeze
 from sft_exp.config.hydra_glue import register_configs
+from sft_exp.config.keys import check_known_keys
 from sft_exp.errors import ConfigError, SftExpError, exit_code_of
 from sft_exp.io import write_json
 from sft_exp.rundir import RunDir, check_fresh
@@ -32,6 +38,7 @@ register_configs()
 
 
 def compose_and_validate(cfg: DictConfig) -> RunConfig:
+    check_known_keys(cfg, RunConfig)  # `+train.typo=1` would otherwise be kept as a stray key nothing reads
     run = to_run_config(cfg)
     validate(run)
     return run
@@ -59,7 +66,24 @@ def fail(e: BaseException, code: int) -> NoReturn:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         # In a sweep, one bad combination fails its own job (recorded in the sweep index); the others still run.
         raise RuntimeError(str(e))
+    if HydraConfig.initialized():
+        discard_refused_run_dir(Path(HydraConfig.get().runtime.output_dir))
     raise SystemExit(code)
+
+
+def discard_refused_run_dir(run_dir: Path) -> None:
+    """A refused command leaves nothing behind: Hydra made the run directory (.hydra/, launch.log) before any of our
+    checks ran. Removed only while it holds nothing else, with the date folders it leaves empty."""
+    if not run_dir.is_dir() or RunDir(run_dir).is_run() or {p.name for p in run_dir.iterdir()} - HYDRA_FILES:
+        return
+    logging.shutdown()  # Hydra's handler holds launch.log open
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in list(run_dir.parents)[:3]:  # outputs/runs/<date>/<time>: <date>, runs and outputs when now empty
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+
+
+HYDRA_FILES = {".hydra", "launch.log"}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -78,14 +102,12 @@ def main(cfg: DictConfig) -> float | None:
     except (SftExpError, FileNotFoundError) as e:
         close_progress_bars()  # closed at exit otherwise: their last line would come after the error
         fail(e, exit_code_of(e) or 2)
+    if run.sweep.objective.startswith("gen/") and isinstance(metrics, dict):
+        from sft_exp.eval.scorers import sweeper_value
+
+        return sweeper_value(run, metrics)  # a generation metric, negated when higher is better (sweepers minimise)
     after = metrics.get("eval_loss_after", {}) if isinstance(metrics, dict) else {}
     return after.get(run.sweep.objective)  # the sweeper's objective: overall or one source's eval loss
-
-
-def close_progress_bars() -> None:
-    tqdm = sys.modules.get("tqdm.std")
-    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
-        bar.close()
 
 
 def refuse_existing_run_dir(argv: list[str]) -> None:
@@ -105,4 +127,9 @@ def refuse_existing_run_dir(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     refuse_existing_run_dir(sys.argv[1:])
+    try:  # Hydra would print its own block and exit 1; nothing is written yet
+        check_composes(Path(__file__).parent / "conf", "config", sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     main()

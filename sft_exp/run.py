@@ -10,19 +10,21 @@ from typing import Any
 from sft_exp.config import Mode, RunConfig
 from sft_exp.config.frozen import cache_dir, load_frozen
 from sft_exp.io import write_json
+from sft_exp.rundir import RunDir
 
 log = logging.getLogger("sft_exp")
 
 
 def prepare(run: RunConfig, run_dir: Path, report: bool = True) -> tuple[Any, Any]:
     """Tokenizer + prepared data; `report`: write mixture_stats.json and print the resolved mixture."""
-    from sft_exp.data.pipeline import format_table, prepare_data
+    from sft_exp.data.pipeline import prepare_data
+    from sft_exp.data.stats import format_table
     from sft_exp.train.model import build_tokenizer
 
     tokenizer = build_tokenizer(run)
     data = prepare_data(run, tokenizer, cache_dir(run), verbose=report)
     if report:
-        write_json(run_dir / "mixture_stats.json", data.stats)
+        write_json(RunDir(run_dir).mixture_stats, data.stats.to_json())
         print("\nresolved mixture\n" + format_table(data.stats) + "\n", flush=True)
     return tokenizer, data
 
@@ -53,10 +55,10 @@ def execute(
     tokenizer, data = prepared or prepare(run, run_dir, report=report)
     from sft_exp.train import tracking
 
-    tracker = tracking.start(run, run_dir, data.stats)  # rank 0 only; a no-op for tracking=none
+    tracker = tracking.start(run, run_dir, data.stats.to_json())  # rank 0 only; a no-op for tracking=none
     if run.mode == Mode.prepare:
         tracker.finish()
-        return data.stats
+        return data.stats.to_json()
 
     from sft_exp.train.loop import run_training
     from sft_exp.train.model import build_model
@@ -78,6 +80,9 @@ def execute(
         raise
     metrics["wall_seconds"] = round(time.time() - started, 2)
     if is_main_process():
-        write_json(run_dir / "metrics.json", metrics)  # written last: its presence marks a finished run
-    tracker.finish(metrics)
+        write_json(RunDir(run_dir).metrics, metrics)  # written last: its presence marks a finished run
+    tracker.finish(metrics, exit_code=1 if metrics.get("eval_generate_error") else 0)
+    from sft_exp.eval.hooks import raise_after_save
+
+    raise_after_save(metrics, run_dir)  # a generation eval that failed after training: reported now, nothing lost
     return metrics

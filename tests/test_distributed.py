@@ -206,63 +206,109 @@ def test_fsdp2_shards_for_real_on_cpu_ranks_trains_like_ddp_saves_one_model_and_
 
 # ------------------------------------------------------------------------------------------------ a rank that fails
 
-# Stands in for sft_exp.launch.rank (no torch: fast). The victim prints what a gloo rank prints when its peer is gone.
+# Real ranks of the real launcher (sft_exp.launch.ranks), with gloo, with the training replaced: rank 1 fails, rank 0
+# waits for it at a barrier and loses its peer (gloo: "Connection closed by peer"), the way a real run does.
 FAKE_RANK = r"""
-import os, sys, time
+import os, signal, sys, time
 
-rank, mode = int(os.environ["RANK"]), os.environ["FAKE_MODE"]
-victim = "[rank0]: Traceback (most recent call last):\n[rank0]:   File \"x.py\", line 1, in barrier\n" * 20
-victim += "[rank0]: RuntimeError: [pair.cc:553] Connection closed by peer [127.0.0.1]:1234\n"
-print(f"rank {rank} training", flush=True)
-if rank == 0:
-    sys.stderr.write("  0%|     | 0/1\r")
-    time.sleep(0.2)  # its peer's connection closed: its traceback may come before the failing rank has exited
-    sys.stderr.write(victim)
-    sys.stderr.flush()
-    if mode == "config":
-        time.sleep(60)  # or it hangs: the launcher kills it
-    sys.exit(1)
-if mode == "save_failed":
-    print("[rank 1] error: checkpoint-1 save failed: No space left on device", file=sys.stderr, flush=True)
-    time.sleep(0.8)
-    sys.exit(74)
-if mode == "config":
-    print("[rank 1] error: sources.arith: bad row", file=sys.stderr, flush=True)
-    sys.exit(2)
-time.sleep(0.1)
-1 / 0  # a bug: its traceback is the report
+import torch.distributed as dist
+
+from sft_exp.checkpoints import SaveFailed
+from sft_exp.errors import ConfigError
+from sft_exp.launch import ranks
+
+mode = os.environ["FAKE_MODE"]
+
+
+def run_rank(run_dir, resume_from, on_error=None, **kwargs):
+    dist.init_process_group("gloo")
+    try:
+        rank = dist.get_rank()
+        print(f"rank {rank} training", flush=True)
+        if mode == "stop":
+            signal.signal(signal.SIGUSR1, lambda s, f: sys.exit(128 + s))  # stands in for the checkpoint and exit
+            time.sleep(60)
+        if rank == 1:
+            time.sleep(0.5)
+            if mode == "config":
+                raise ConfigError("sources.arith: bad row")
+            if mode == "save_failed":
+                raise SaveFailed("checkpoint-1 save", run_dir / "checkpoint-1", run_dir, 28, "No space left on device")
+            if mode == "killed":
+                os.kill(os.getpid(), signal.SIGKILL)
+            1 / 0  # a bug
+        dist.barrier()
+    except BaseException as e:
+        on_error(e)
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+ranks.run_rank = run_rank
+ranks.main()
 """
 
 
-@pytest.mark.parametrize("mode", ["save_failed", "config", "bug"])
+def _start_fake_ranks(mode: str, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from sft_exp.launch import ranks
+
+    (run_dir / "fake_rank.py").write_text(FAKE_RANK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(run_dir), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FAKE_MODE", mode)
+    monkeypatch.setattr(ranks, "RANK_MODULE", "fake_rank")
+    run = SimpleNamespace(distributed=SimpleNamespace(master_port=None))
+    ranks.start_ranks(run, run_dir, 2, None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["config", "save_failed", "bug", "killed"])
 def test_a_failing_rank_is_shown_and_the_tracebacks_of_the_ranks_it_took_down_are_not(
     mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from types import SimpleNamespace
-
     from sft_exp.checkpoints import SaveFailed
     from sft_exp.config import ConfigError
-    from sft_exp.launch import multiprocess
 
-    (tmp_path / "fake_rank.py").write_text(FAKE_RANK)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("FAKE_MODE", mode)
-    monkeypatch.setattr(multiprocess, "RANK_MODULE", "fake_rank")
-    monkeypatch.setattr(multiprocess, "FAILURE_GRACE_S", 1.0)
-    run = SimpleNamespace(distributed=SimpleNamespace(master_port=29999))
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "rank0.log").write_text("an earlier attempt\n")
-    error = {"save_failed": SaveFailed, "config": ConfigError, "bug": RuntimeError}[mode]
+    error = {"config": ConfigError, "save_failed": SaveFailed, "bug": RuntimeError, "killed": RuntimeError}[mode]
     with pytest.raises(error, match="rank 1 of 2") as e:
-        multiprocess.spawn_ranks(run, tmp_path, 2, None)  # type: ignore[arg-type]
+        _start_fake_ranks(mode, tmp_path, monkeypatch)
     out, err = capsys.readouterr()
-    assert "rank 0 training" in out and "rank 1 training" in out  # stdout passes through
-    assert "Connection closed by peer" not in err, err
-    assert "rank 0 stopped after rank 1 failed" in err and str(tmp_path / "logs" / "rank0.log") in err, err
+    text = out + err
+    assert "rank 0 training" in out and "rank 1 training" in out  # the ranks' output is shown live
+    assert "Connection closed by peer" not in text and "[rank0]" not in text, text  # rank 0's error is not
+    logs = tmp_path / "logs"
+    assert f"[sft-exp] rank 0 stopped after rank 1 failed; see {logs}/rank0.log, {logs}/rank0.error.json" in err, err
+    assert "Connection closed by peer" in (logs / "rank0.error.json").read_text()  # its traceback is kept there
     if mode == "bug":
         assert "ZeroDivisionError" in err and "Traceback" in err and str(e.value).endswith("were stopped")
+    elif mode == "killed":
+        assert "rank 1 of 2 was killed by SIGKILL" in str(e.value) and "Traceback" not in text
     else:
-        assert "[rank 1] error: " in err and "Traceback" not in err, err
-    logs = {r: (tmp_path / "logs" / f"rank{r}.log").read_text() for r in (0, 1)}
-    assert logs[0].startswith("an earlier attempt\n----- started ") and logs[0].count("Connection closed by peer") == 1
-    assert "rank 0 training" in logs[0] and "[rank 1] error" not in logs[0] and "rank 1 training" in logs[1]
+        assert text.count("[rank 1] error: ") == 1 and "Traceback" not in text, text
+        assert e.value.exit_code == (74 if mode == "save_failed" else 2)
+    assert "[rank 1] error" in (logs / "rank1.log").read_text() or mode in ("bug", "killed")
+    # the earlier attempt's log was kept aside (torch truncates the log files)
+    assert (logs / "attempt-1" / "rank0.log").read_text() == "an earlier attempt\n"
+    assert "rank 0 training" in (logs / "rank0.log").read_text()
+
+
+def test_a_stop_signal_is_forwarded_to_every_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    from sft_exp.errors import Interrupted
+
+    def stop_when_both_train() -> None:
+        logs = [tmp_path / "logs" / f"rank{r}.log" for r in (0, 1)]
+        while not all(p.exists() and "training" in p.read_text() for p in logs):
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGUSR1)  # to the launcher (this process), which forwards it
+
+    threading.Thread(target=stop_when_both_train, daemon=True).start()
+    with pytest.raises(Interrupted) as e:
+        _start_fake_ranks("stop", tmp_path, monkeypatch)
+    assert e.value.signum == signal.SIGUSR1 and e.value.exit_code == 128 + signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the launcher's handlers are restored

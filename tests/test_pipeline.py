@@ -40,12 +40,12 @@ def test_packed_rows_are_exactly_the_selected_rows(prepared) -> None:
 
     run, data, _ = prepared
     m = run.mixture
-    stats = data.stats["sources"]
-    assert stats["sort"]["rows"] == int(1.5 * 1568) and stats["units"]["rows"] == int(0.25 * 1568)
+    stats = data.stats.sources
+    assert stats["sort"].rows == int(1.5 * 1568) and stats["units"].rows == int(0.25 * 1568)
     # the expected multiset of (ids, mask) sequences, rebuilt from the cached tokenised sources
     import datasets
 
-    cache = Path(data.stats["cache"]["dir"])
+    cache = Path(data.stats.cache["dir"])
     cached = {
         n: datasets.load_from_disk(str(next(p for p in cache.glob(f"{n}-*") if p.is_dir()))) for n in data.source_names
     }
@@ -65,7 +65,7 @@ def test_packed_rows_are_exactly_the_selected_rows(prepared) -> None:
 def test_every_packed_row_fits_and_eval_sets_are_per_source(prepared) -> None:
     run, data, _ = prepared
     lens = [len(r) for r in data.train["input_ids"]]
-    assert max(lens) <= 512 and data.stats["packing"]["bins"] == len(lens)
+    assert max(lens) <= 512 and data.stats.packing["bins"] == len(lens)
     assert set(data.eval) == set(data.source_names)
     for name, ds in data.eval.items():
         assert sum(sum(x) for x in ds["seq_lengths"]) == sum(len(x) for x in ds["input_ids"])
@@ -75,5 +75,5 @@ def test_every_packed_row_fits_and_eval_sets_are_per_source(prepared) -> None:
 
 def test_second_prepare_hits_the_cache_and_gives_the_same_rows(prepared) -> None:
     _, first, second = prepared
-    assert first.stats["cache"]["misses"] == 6 and second.stats["cache"]["hits"] == 6
+    assert first.stats.cache["misses"] == 6 and second.stats.cache["hits"] == 6
     assert first.train["input_ids"] == second.train["input_ids"]

@@ -24,17 +24,10 @@ from transformers import AutoTokenizer
 
 from sft_exp.config import ASSETS, TemplateConfig, TrainOn
 from sft_exp.data import fast_render
-from sft_exp.data.template import (
-    PieceTokenizer,
-    Renderer,
-    RenderSpec,
-    compile_template,
-    encode_conversations,
-    renderer,
-    row_kwargs,
-    tokenize_conversations,
-)
-from sft_exp.data.template_check import check_rows, check_template, probe_row, truncation_report
+from sft_exp.data.fast_render import PieceTokenizer
+from sft_exp.data.stats import truncation_report
+from sft_exp.data.template import Renderer, RenderSpec, encode_conversations, renderer, row_kwargs
+from sft_exp.data.template_check import check_rows, check_template, probe_row
 from sft_exp.errors import TemplateError
 
 DEMO = ASSETS / "demo"
@@ -74,6 +67,15 @@ def reference(tok: Any, spec: RenderSpec, messages: list[dict], kwargs: dict | N
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **row_kwargs(spec, kwargs)
     )
     return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+def tokenize_conversations(
+    spec: RenderSpec, tok: Any, messages: list[Any], kwargs: list[Any] | None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(input_ids per row, assistant mask per row) of encode_conversations."""
+    enc = encode_conversations(spec, tok, messages, kwargs)
+    rows = [enc.row(i) for i in range(len(enc))]
+    return [ids for ids, _, _ in rows], [mask for _, _, mask in rows]
 
 
 @functools.cache
@@ -121,6 +123,15 @@ def test_identical_to_apply_chat_template_on_every_demo_row(template: str, name:
             ref_ids, ref_mask = reference(tok, spec, messages[start + i], kwargs[start + i])
             assert row_ids.tolist() == ref_ids, (name, start + i)
             assert row_mask.tolist() == ref_mask, (name, start + i)
+
+
+def test_docstring_example_runs() -> None:
+    import doctest
+
+    from sft_exp.data import template
+
+    result = doctest.testmod(template, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0, result
 
 
 TOOL = {
@@ -332,11 +343,13 @@ def _spec_thinking(template: str, thinking: bool | None) -> tuple[Any, RenderSpe
 
 
 def _assert_port_equals_jinja(r: Renderer, messages: Any, kwargs: Any, agp: bool = False, what: Any = None) -> None:
-    got = r.port(messages, row_kwargs(r.spec, kwargs), agp)
-    assert got is not None, ("the port refused", what)
-    text, spans = r.render_jinja(messages, kwargs, agp)
-    assert got[0] == text, what
-    assert [tuple(s) for s in got[1]] == [tuple(s) for s in spans], what
+    """Rows (a batch) rendered by the port == the same rows rendered by transformers' render_jinja_template."""
+    texts, spans = r.render(messages, kwargs, agp, use_port=False)
+    for i, (m, k) in enumerate(zip(messages, kwargs)):
+        got = r.port(m, row_kwargs(r.spec, k), agp)
+        assert got is not None, ("the port refused", what, i)
+        assert got[0] == texts[i], (what, i)
+        assert [tuple(s) for s in got[1]] == [tuple(s) for s in spans[i]], (what, i)
 
 
 @pytest.mark.parametrize("thinking", [True, False, None])
@@ -349,8 +362,10 @@ def test_port_equals_jinja_on_every_demo_row(template: str, thinking: bool | Non
     assert r.port is not None
     for name in SOURCES:
         messages, kwargs = load_rows(name)
-        for i, (m, k) in enumerate(zip(messages, kwargs)):
-            _assert_port_equals_jinja(r, m, {**(k or {}), "enable_thinking": thinking}, i % 7 == 0, (name, i))
+        for agp in (False, True):  # the generation prompt on every 7th row
+            rows = [i for i in range(len(messages)) if (i % 7 == 0) == agp]
+            kws = [{**(kwargs[i] or {}), "enable_thinking": thinking} for i in rows]
+            _assert_port_equals_jinja(r, [messages[i] for i in rows], kws, agp, name)
 
 
 SCHEMA = {
@@ -438,13 +453,13 @@ def test_port_equals_jinja_on_edge_cases(template: str) -> None:
         r2 = renderer(_spec_thinking(template, thinking)[1])
         for name, m, k in EDGE_CASES + PORT_CASES:
             for agp in (False, True):
-                _assert_port_equals_jinja(r2, m, k, agp, name)
+                _assert_port_equals_jinja(r2, [m], [k], agp, name)
                 if thinking is not None and "enable_thinking" not in (k or {}):
                     continue
-                _assert_port_equals_jinja(r2, m, {**(k or {}), "enable_thinking": thinking}, agp, name)
+                _assert_port_equals_jinja(r2, [m], [{**(k or {}), "enable_thinking": thinking}], agp, name)
     # the date from strftime_now when no date_string is given (neither in the config nor in the row)
     undated = RenderSpec(spec.chat_template, True, None, spec.special_tokens, spec.train_on, spec.eos_token)
-    _assert_port_equals_jinja(renderer(undated), PORT_CASES[0][1], None, False, "strftime_now")
+    _assert_port_equals_jinja(renderer(undated), [PORT_CASES[0][1]], [None], False, "strftime_now")
     # and token for token, mask for mask, what apply_chat_template gives
     cases = [(n, m, k) for n, m, k in PORT_CASES if m]
     fast = r.fast_rows
@@ -529,11 +544,41 @@ def test_an_edited_template_takes_jinja() -> None:
     assert fast_render.port_for(TEMPLATES["chatml"], {"strftime_now": "x"}) is None
 
 
-def test_ports_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fast_path_switches_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SFT_EXP_FAST_RENDER=0: no port, whole texts encoded; the same ids and masks."""
+    tok, spec = make("smollm3")
+    messages, kwargs = load_rows("tools")
+    fast = encode_conversations(spec, tok, messages[:64], kwargs[:64])
     monkeypatch.setattr(fast_render, "ENABLED", False)
     assert fast_render.port_for(TEMPLATES["smollm3"]) is None
-    _, spec = make("smollm3")
-    assert Renderer(spec).port is None
+    r = Renderer(spec)
+    assert r.port is None
+    monkeypatch.setattr("sft_exp.data.template._RENDERERS", {spec.key: r})
+    slow = encode_conversations(spec, tok, messages[:64], kwargs[:64])
+    assert fast.piecewise and not slow.piecewise and r.jinja_rows >= 64 and r.fast_rows == 0
+    assert slow.texts == fast.texts and slow.spans == fast.spans
+    assert np.array_equal(slow.ids, fast.ids) and np.array_equal(slow.masks, fast.masks)
+
+
+def test_jinja_rows_are_grouped_by_kwargs_of_the_same_value_and_type() -> None:
+    """One render_jinja_template call per distinct kwargs: rows whose kwargs differ only in a type (a tuple for a
+    list, 1 for True) or in dict order are rendered apart, each as apply_chat_template renders it."""
+    edited = TEMPLATES["smollm3"].replace("used by the config", "used by  the config", 1)
+    tok, spec = make(edited)
+    row = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    kwargs: list[Any] = [
+        {"xml_tools": [["a", 1]]},
+        {"xml_tools": [("a", 1)]},
+        {"xml_tools": [{"x": 1, "y": 2}]},
+        {"xml_tools": [{"y": 2, "x": 1}]},
+        {"enable_thinking": False},
+        {"enable_thinking": 0},
+        None,
+        {"xml_tools": [["a", 1]]},
+    ]
+    ids, masks = tokenize_conversations(spec, tok, [row] * len(kwargs), kwargs)
+    for k, row_ids, row_mask in zip(kwargs, ids, masks):
+        assert (row_ids.tolist(), row_mask.tolist()) == reference(tok, spec, row, k), k
 
 
 def test_word_split_encodes_as_the_rust_tokenizer() -> None:
@@ -640,13 +685,6 @@ def test_train_on_is_part_of_the_cache_key() -> None:
 # ───── sandbox ─────
 
 
-def test_templates_render_in_an_immutable_sandbox() -> None:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    for text in TEMPLATES.values():
-        assert isinstance(compile_template(text).environment, ImmutableSandboxedEnvironment)
-
-
 ESCAPES = [
     "{{ ''.__class__.__mro__ }}",
     "{{ ''.__class__.__mro__[1].__subclasses__() }}",
@@ -677,24 +715,6 @@ def test_sandbox_escapes_fail_as_under_transformers(escape: str) -> None:
     assert got == expected
     if "__mro__" in escape or "append" in escape or "update" in escape:
         assert got is jinja2.exceptions.SecurityError
-
-
-def test_memoised_sandbox_decisions_equal_the_base_class() -> None:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    fast = compile_template(TEMPLATES["chatml"]).environment
-    base = ImmutableSandboxedEnvironment()
-    probes = [({}, "items"), ({}, "clear"), ({"role": 1}, "role"), ({}, "nope"), ([], "append"), ([], "index")]
-    probes += [("s", "lstrip"), ("s", "format"), ("s", "__class__"), (str, "mro"), (len, "__self__"), ({1}, "add")]
-    for _ in range(2):  # the second round answers from the memo
-        for obj, attr in probes:
-            a, b = fast.getattr(obj, attr), base.getattr(obj, attr)
-            if attr == "format":  # a fresh sandboxed-formatter wrapper each time, in both
-                assert a.__wrapped__ == b.__wrapped__ and a("{0}", 1) == b("{0}", 1) == "s"
-                continue
-            assert type(a) is type(b) and (a == b or isinstance(a, jinja2.Undefined)), (obj, attr)
-            if isinstance(a, jinja2.Undefined):
-                assert a._undefined_exception is b._undefined_exception
 
 
 # ───── the template check ─────

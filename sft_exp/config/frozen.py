@@ -56,4 +56,6 @@ def load_frozen(run_dir: Path) -> RunConfig:
 
 
 def cache_dir(run: RunConfig) -> Path:
-    return Path(run.cache_dir) if run.cache_dir else REPO_ROOT / "outputs" / "cache"
+    """The tokenised-source cache: `cache_dir` (conf/config.yaml: ${paths.output_dir}/cache, absolute once resolved).
+    Null only in a run frozen before conf/paths existed: outputs/cache under the current directory."""
+    return Path(run.cache_dir or Path("outputs", "cache").absolute())

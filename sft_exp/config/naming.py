@@ -11,6 +11,10 @@ from typing import Any
 LONG_FLOAT = re.compile(r"\d*\.\d{5,}(?:[eE][-+]?\d+)?")  # Optuna's samples: 0.5939321535345923
 
 
+# Top-level keys that never change what is trained: a resume may change them, compare does not take them as swept, and
+# Hydra leaves them out of sweep run directory names (conf/hydra/default.yaml's exclude_keys; a test keeps them agreed).
+NOT_EXPERIMENT = ("cache_dir", "paths", "sweep", "tracking", "resume", "launcher", "inspect", "experiment")
+
 _claimed: dict[str, str] = {}
 
 

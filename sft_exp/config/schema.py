@@ -64,9 +64,9 @@ class BadRows(str, Enum):
 class PackingStrategy(str, Enum):
     ffd = "ffd"  # ours: first-fit-decreasing over the whole training set at once
     bfd = "bfd"  # global best-fit-decreasing (TRL's name; ours runs over the whole set, not 1000-row chunks)
-    bfd_split = "bfd_split"  # bfd, with sequences longer than max_length split into pieces (overflow=split)
+    # TRL's bfd_split is not a strategy here: it is bfd + overflow=split (the packing=bfd_split preset).
     wrapped = "wrapped"  # concatenate and cut every max_length tokens (sequences straddle rows)
-    none = "none"  # one sequence per row
+    none = "none"  # one sequence per row: no packing
 
 
 class Overflow(str, Enum):
@@ -98,11 +98,6 @@ class DistBackend(str, Enum):
     nccl = "nccl"
 
 
-class LauncherKind(str, Enum):
-    local = "local"  # this machine: in-process, or N ranks spawned here
-    slurm = "slurm"  # Hydra's submitit launcher submits every run (of a sweep) as a Slurm job
-
-
 class TrackingBackend(str, Enum):
     none = "none"
     wandb = "wandb"
@@ -124,6 +119,36 @@ class PeftMethod(str, Enum):
 class QuantType(str, Enum):
     nf4 = "nf4"
     fp4 = "fp4"
+
+
+# transformers' own enums (transformers.trainer_utils), copied so a typo fails at composition without importing
+# transformers here; tests/test_config.py checks they still match the installed version.
+class SchedulerType(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    inverse_sqrt = "inverse_sqrt"
+    reduce_lr_on_plateau = "reduce_lr_on_plateau"
+    cosine_with_min_lr = "cosine_with_min_lr"
+    cosine_warmup_with_min_lr = "cosine_warmup_with_min_lr"
+    warmup_stable_decay = "warmup_stable_decay"
+    greedy = "greedy"
+
+
+class IntervalStrategy(str, Enum):
+    no = "no"
+    steps = "steps"
+    epoch = "epoch"
+
+
+class SaveStrategy(str, Enum):
+    no = "no"
+    steps = "steps"
+    epoch = "epoch"
+    best = "best"
 
 
 # ------------------------------------------------------------------------------------------------------ the groups
@@ -158,6 +183,21 @@ class SourceConfig:
     revision: str | None = None
     columns: list[str] | None = None  # columns kept; default: messages (+ chat_template_kwargs when present)
     weight: float = 1.0  # unit set by mixture.weighting
+    # How generated turns of this source are scored (eval.generate): exact_match, contains, regex, json_tool_call,
+    # none, or a Python function 'package.module:function' (sft_exp/eval/scorers.py says what each does).
+    scorer: str = "none"
+    scorer_args: dict[str, Any] = field(default_factory=dict)  # e.g. {pattern: '(-?\d+)\.?$'} for scorer=regex
+
+
+@dataclass
+class SourceDefaults:
+    """Fields every source of a mixture shares unless it sets its own (applied by to_run_config, so the frozen
+    run_config.yaml spells every source out). id/config/revision go to hub sources only (no `path`)."""
+
+    id: str | None = None
+    config: str | None = None
+    revision: str | None = None
+    columns: list[str] | None = None
 
 
 @dataclass
@@ -165,6 +205,7 @@ class MixtureConfig:
     # New sources come from a mixture YAML (conf/mixture/*.yaml or --config-dir): OmegaConf 2.3 cannot add a new
     # structured value to a typed dict from the command line (`+mixture.sources.x=...` fails).
     sources: dict[str, SourceConfig] = field(default_factory=dict)
+    source_defaults: SourceDefaults = field(default_factory=SourceDefaults)
     weighting: Weighting = Weighting.fraction
     # The budget that weighting=proportion shares out: rows, or tokens that carry loss (assistant tokens).
     total_rows: int | None = None
@@ -178,8 +219,7 @@ class MixtureConfig:
 
 @dataclass
 class PackingConfig:
-    enabled: bool = True
-    strategy: PackingStrategy = PackingStrategy.ffd
+    strategy: PackingStrategy = PackingStrategy.ffd  # packing off: strategy=none (packing=none)
     max_length: int = 1024
     overflow: Overflow = Overflow.truncate
 
@@ -202,7 +242,6 @@ class DistributedConfig:
 class LauncherConfig:
     """Where runs execute. launcher=slurm feeds these into hydra/launcher=submitit_slurm (conf/launcher/slurm.yaml)."""
 
-    kind: LauncherKind = LauncherKind.local
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -226,7 +265,7 @@ class TrainConfig:
     per_device_train_batch_size: int = 1
     per_device_eval_batch_size: int = 1
     gradient_accumulation_steps: int = 1
-    lr_scheduler_type: str = "linear"
+    lr_scheduler_type: SchedulerType = SchedulerType.linear
     lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -234,11 +273,11 @@ class TrainConfig:
     seed: int = 42
     bf16: bool = False  # TRL defaults this to True; on a CPU it is 6x slower, so we default to False
     gradient_checkpointing: bool = False
-    save_strategy: str = "no"
+    save_strategy: SaveStrategy = SaveStrategy.no
     save_steps: float = 500
     save_total_limit: int | None = None
     logging_steps: float = 10
-    eval_strategy: str = "no"
+    eval_strategy: IntervalStrategy = IntervalStrategy.no
     eval_steps: float | None = None
     assistant_only_loss: bool = True
     use_liger_kernel: bool = False
@@ -267,8 +306,39 @@ class TrackingConfig:
 @dataclass
 class SweepConfig:
     # What launch.py returns to the sweeper (Optuna minimises it): the eval loss after training, over every source
-    # ("all", trained-token weighted) or one source's name.
+    # ("all", trained-token weighted) or one source's name; or a generation metric, gen/<source or all>/<metric>
+    # (eval.generate), returned negated when higher is better (sft_exp.eval.scorers.metric_direction).
     objective: str = "all"
+
+
+class GenerateWhen(str, Enum):
+    end = "end"  # after training (and before it, with eval_before_train)
+    steps = "steps"  # also every eval.generate.every_steps optimizer steps
+
+
+class GenerateTurns(str, Enum):
+    all = "all"  # every assistant turn of a held-out row is a prompt (earlier turns from the reference)
+    last = "last"  # only the last assistant turn of each row
+
+
+@dataclass
+class GenerateConfig:
+    """Generation-based evaluation on the held-out rows (sft_exp/eval/generate.py): the model writes each held-out
+    assistant turn, scored by its source's scorer and for mode compliance (stops, think_ok, role_leak, length)."""
+
+    enabled: bool = False
+    rows: int = 32  # held-out rows per source to generate for (the first ones); at most the held-out set
+    max_new_tokens: int = 128  # per turn, the end-of-turn token included
+    when: GenerateWhen = GenerateWhen.end
+    every_steps: int = 0  # when=steps: evaluate every this many optimizer steps (and at the end)
+    batch_size: int = 64  # prompts per generate call (sorted by length first)
+    turns: GenerateTurns = GenerateTurns.all
+    samples: int = 3  # rows per source whose prompt, reference and generation go into eval_generate.json
+
+
+@dataclass
+class EvalConfig:
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 @dataclass
@@ -300,6 +370,13 @@ class PeftConfig:
 
 
 @dataclass
+class PathsConfig:
+    """Where outputs go (conf/paths/default.yaml). A relative path is relative to where launch.py starts."""
+
+    output_dir: str = "outputs"  # runs/ and sweeps/ (hydra.run.dir, hydra.sweep.dir); the cache defaults to cache/
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
@@ -309,7 +386,9 @@ class RunConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mode: Mode = Mode.train
-    # Where tokenised sources are cached (shared by every run of a sweep); null = <repo>/outputs/cache.
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # Where tokenised sources are cached (shared by every run of a sweep): conf/config.yaml sets
+    # ${paths.output_dir}/cache, made absolute when resolved. null (frozen before conf/paths existed): outputs/cache.
     cache_dir: str | None = None
     # Evaluate every source before training so metrics.json can show how much each eval loss dropped.
     eval_before_train: bool = True
@@ -322,6 +401,7 @@ class RunConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ------------------------------------------------------------------------------------------------------ validation
@@ -380,14 +460,12 @@ def validate(cfg: RunConfig) -> None:
     p = cfg.packing
     if p.max_length < 16:
         _fail("packing.max_length", f"{p.max_length} is too small to hold a chat turn", "Use at least a few hundred")
-    if p.enabled and p.strategy != PackingStrategy.none and cfg.model.attn_implementation == AttnImpl.eager:
-        pass  # eager honours position_ids-based packed masks in transformers 5; kept allowed.
 
     t = cfg.train
-    if t.eval_strategy != "no" and m.test_split_size == 0:
+    if t.eval_strategy != IntervalStrategy.no and m.test_split_size == 0:
         _fail(
             "train.eval_strategy",
-            f"is '{t.eval_strategy}' but mixture.test_split_size is 0, so there is nothing to evaluate on",
+            f"is '{t.eval_strategy.value}' but mixture.test_split_size is 0, so there is nothing to evaluate on",
             "Set mixture.test_split_size (e.g. 0.05) or train.eval_strategy=no",
         )
     if t.learning_rate <= 0 or math.isnan(t.learning_rate):
@@ -410,6 +488,59 @@ def validate(cfg: RunConfig) -> None:
         )
     validate_distributed_and_resume(cfg)
     validate_peft(cfg)
+    validate_generation(cfg)
+
+
+def validate_generation(cfg: RunConfig) -> None:
+    """eval.generate.* and every source's scorer (checked whether generation is on or not: a scorer that does not
+    exist is an error either way); a gen/... sweep objective. Plug-in scorers are imported here."""
+    from sft_exp.eval.scorers import check_objective, resolve_scorer
+
+    g, m = cfg.eval.generate, cfg.mixture
+    scorers = {
+        name: resolve_scorer(s.scorer, dict(s.scorer_args or {}), f"mixture.sources.{name}")
+        for name, s in m.sources.items()
+    }
+    for key in ("rows", "max_new_tokens", "batch_size"):
+        if getattr(g, key) < 1:
+            _fail(f"eval.generate.{key}", f"must be >= 1, got {getattr(g, key)}", "")
+    if g.samples < 0:
+        _fail("eval.generate.samples", f"must be >= 0, got {g.samples}", "")
+    if g.when == GenerateWhen.steps and g.every_steps < 1:
+        _fail(
+            "eval.generate.every_steps",
+            f"must be >= 1 with eval.generate.when=steps, got {g.every_steps}",
+            "e.g. eval.generate.every_steps=50",
+        )
+    if g.when == GenerateWhen.end and g.every_steps:
+        _fail(
+            "eval.generate.every_steps",
+            "is set but eval.generate.when=end does not use it",
+            "Set eval.generate.when=steps, or drop the override",
+        )
+    objective = cfg.sweep.objective
+    if objective.startswith("gen/"):
+        if not g.enabled:
+            _fail(
+                "sweep.objective",
+                f"'{objective}' is a generation metric but eval.generate.enabled=false",
+                "Set eval.generate.enabled=true",
+            )
+        check_objective(objective, scorers)
+    if not g.enabled:
+        return
+    if m.test_split_size == 0:
+        _fail(
+            "eval.generate.enabled",
+            "is true but mixture.test_split_size is 0: there are no held-out rows to generate for",
+            "Set mixture.test_split_size (e.g. 32) or eval.generate.enabled=false",
+        )
+    if m.test_split_size >= 1 and g.rows > m.test_split_size:
+        _fail(
+            "eval.generate.rows",
+            f"{g.rows} rows per source, but mixture.test_split_size holds out {int(m.test_split_size)}",
+            f"Use eval.generate.rows<={int(m.test_split_size)} or raise mixture.test_split_size",
+        )
 
 
 ZERO_STAGE = {DistStrategy.zero2: 2, DistStrategy.zero3: 3, DistStrategy.zero3_offload: 3}
@@ -595,11 +726,12 @@ def validate_tracking_and_sweep(cfg: RunConfig) -> None:
             f"Use tracking={sorted(clash - {'all'})[0] if clash - {'all'} else 'wandb'} and train.report_to=[none]",
         )
     names = set(cfg.mixture.sources)
-    if cfg.sweep.objective != "all" and cfg.sweep.objective not in names:
+    gen = cfg.sweep.objective.startswith("gen/")  # a generation metric: checked by validate_generation
+    if cfg.sweep.objective != "all" and cfg.sweep.objective not in names and not gen:
         _fail(
             "sweep.objective",
-            f"'{cfg.sweep.objective}' is neither 'all' nor a source of the mixture",
-            f"Use all or one of {sorted(names)}",
+            f"'{cfg.sweep.objective}' is neither 'all' nor a source of the mixture, nor gen/<source or all>/<metric>",
+            f"Use all, one of {sorted(names)}, or e.g. gen/all/score (with eval.generate.enabled=true)",
         )
 
 
@@ -627,10 +759,45 @@ def to_run_config(cfg: Any) -> RunConfig:
     from omegaconf import OmegaConf
 
     register_asset_resolver()
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), _upgrade_legacy_keys(cfg))
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, RunConfig)
+    _apply_source_defaults(obj.mixture)
+    if obj.cache_dir:
+        obj.cache_dir = os.path.abspath(os.path.expanduser(obj.cache_dir))  # ranks and tools agree wherever they run
     return obj
+
+
+def _apply_source_defaults(m: MixtureConfig) -> None:
+    """Fill each source's unset (null) fields from mixture.source_defaults; id/config/revision only without `path`."""
+    d = m.source_defaults
+    for s in m.sources.values():
+        if s.path is None:
+            s.id = d.id if s.id is None else s.id
+            s.config = d.config if s.config is None else s.config
+            s.revision = d.revision if s.revision is None else s.revision
+        if s.columns is None and d.columns is not None:
+            s.columns = list(d.columns)
+
+
+def _upgrade_legacy_keys(cfg: Any) -> Any:
+    """Read a run_config.yaml frozen by an older sft-exp (a resumed or requeued run) in today's spelling:
+    packing.enabled=false is strategy=none, strategy=bfd_split is bfd + overflow=split, launcher.kind is gone.
+    On the command line these keys fail at composition: they are not in the schema."""
+    from omegaconf import DictConfig, OmegaConf
+
+    packing, launcher = cfg.get("packing"), cfg.get("launcher")
+    old_packing = isinstance(packing, DictConfig) and ("enabled" in packing or packing.get("strategy") == "bfd_split")
+    if not old_packing and not (isinstance(launcher, DictConfig) and "kind" in launcher):
+        return cfg
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    if "enabled" in cfg.packing and not cfg.packing.pop("enabled"):
+        cfg.packing.strategy = "none"
+    if cfg.packing.get("strategy") == "bfd_split":
+        cfg.packing.strategy, cfg.packing.overflow = "bfd", "split"
+    if "launcher" in cfg:
+        cfg.launcher.pop("kind", None)
+    return cfg
 
 
 def dump_run_config(run: RunConfig) -> str:

@@ -1,23 +1,20 @@
-"""Exact pure-Python renderers of the two chat templates the repo ships (assets/templates/smollm3.jinja, chatml.jinja).
+"""The fast path: exact pure-Python stand-ins for two costs of preparing chat data, each proven identical to the
+library code it replaces (tests/test_template.py; the template check re-checks samples of every source at run time).
 
-A port gives, for a row it handles, the very (text, generation spans) that transformers' Jinja render with its
-AssistantTracker gives (`_render_with_assistant_indices`: each span is the character range of one
-`{% generation %}` block), without running the template body, which was the largest per-row cost of rendering.
+1. Ports of the two shipped templates (assets/templates/smollm3.jinja, chatml.jinja): `port_for(template)` returns
+   a function giving, for a row it handles, the very (text, generation spans) that transformers'
+   `render_jinja_template(..., return_assistant_tokens_mask=True)` gives, without running the template body. A port
+   is used only for the exact template text it reproduces (SHA-256 pinned below) and only for rows of plain inputs it
+   knows (plain-dict messages of known roles and keys, known kwargs of known types, plain JSON tool lists); it returns
+   None for anything else, and the caller renders that row with Jinja.
+2. `PieceTokenizer`: the Rust tokenizer cuts a text at its added tokens and encodes each piece between them on its
+   own, so a rendered text is cut the same way here and each distinct piece (system header, persona, tool list, role
+   header) is encoded once and cached. With a byte-level BPE tokenizer a new ASCII piece is further cut into the
+   GPT-2 pre-tokenizer's words, each distinct word encoded once (a probe checks that split against the Rust
+   tokenizer). A tokenizer whose pieces are not independent is not piecewise; the caller then encodes whole texts.
 
-When a port is used (`port_for`):
-  * only for the exact template text it was written from: the SHA-256 of the template text in use must equal the
-    hash of the shipped file the port reproduces (pinned below; tests/test_template.py checks the shipped files still
-    hash to it). An edited or a user template, whatever its resemblance, takes the Jinja path;
-  * only for rows whose every input it handles (`None` is returned otherwise, and the caller renders the row with
-    Jinja): messages that are plain dicts with a string `role` among the roles the port knows, `content` a string or
-    absent/None, other keys only among those the templates never read (`tool_calls`, `name`, ...) with plain JSON
-    values; kwargs only among those the port knows, each of a type it renders (see `_SMOLLM3_KWARGS`); tool lists of
-    plain JSON values (dicts with string keys, lists, strings, numbers, booleans, None).
-The inputs a port sees are the row's raw messages and its kwargs merged over the config defaults (`row_kwargs`: None
-values dropped): for the plain inputs it accepts, transformers' input preparation (None-valued message keys dropped,
-`_plain_template_data`, reasoning-field aliases) changes nothing the template reads, so it is skipped.
-
-`ENABLED` (environment variable SFT_EXP_FAST_RENDER=0 turns it off at import) switches the ports off for benchmarks.
+SFT_EXP_FAST_RENDER=0 turns both off (`ENABLED`: every row is rendered by transformers and encoded whole);
+SFT_EXP_WORD_SPLIT=0 turns off only the word split.
 """
 
 from __future__ import annotations
@@ -25,11 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from datetime import datetime
+from itertools import chain
 from typing import Any
 
+import numpy as np
+
 ENABLED = os.environ.get("SFT_EXP_FAST_RENDER", "1") != "0"
+WORD_SPLIT = os.environ.get("SFT_EXP_WORD_SPLIT", "1") != "0"
 
 # SHA-256 of the UTF-8 text of the shipped templates each port reproduces, branch for branch.
 SMOLLM3_SHA256 = "4e5f20b6480be75dd48b553dbf37f701934701face94482d70a63356fb042bd9"
@@ -350,3 +352,173 @@ def port_for(chat_template: str, variables: dict[str, Any] | None = None) -> Por
     if variables and _READ & set(variables):
         return None
     return PORTS.get(_sha256(chat_template))
+
+
+# ─────────────────────────────────────────────────────────────────────────────────────────── piece tokenisation
+# Characters outside the alphabet on which the Python word split equals the Rust pre-tokenizer's (see _words_re).
+_UNSAFE_FOR_WORDS = re.compile(r"[^\t\n\r\x20-\x7e]")
+# Pieces kept in the tokenisation caches before they are cleared (bounds memory on sources of unique texts).
+_PIECE_CACHE_MAX = 200_000
+
+
+def _component_types(node: Any) -> list[dict[str, Any]]:
+    """Every component of a tokenizer.json normalizer/pre_tokenizer (Sequence flattened)."""
+    if not isinstance(node, dict):
+        return []
+    subs = node.get("normalizers") or node.get("pretokenizers")
+    if subs is not None:
+        return [c for s in subs for c in _component_types(s)]
+    return [node]
+
+
+class PieceTokenizer:
+    """Encodes texts piece by piece (pieces between added tokens), each distinct piece once, through the tokenizer's
+    Rust backend: the ids and character offsets of `backend_tokenizer.encode_batch(texts, add_special_tokens=False)`.
+
+    Attributes:
+        piecewise: whether `encode` may be used; False (with `reason`) when pieces could encode differently alone
+            than in context, or when the fast path is off. The caller then encodes whole texts.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.backend = tokenizer.backend_tokenizer
+        spec = json.loads(self.backend.to_str())
+        added = spec.get("added_tokens") or []
+        self.reason = "SFT_EXP_FAST_RENDER=0" if not ENABLED else self._plain_path_reason(spec, added)
+        self.piecewise = self.reason is None
+        self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.split_re: re.Pattern[str] | None = None
+        self.special: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if self.piecewise and added:
+            contents = sorted({a["content"] for a in added}, key=len, reverse=True)
+            # Leftmost, and at one position the longest token first: the Rust splitter's LeftmostLongest rule.
+            self.split_re = re.compile("(" + "|".join(re.escape(c) for c in contents) + ")")
+            for a in added:
+                self.special[a["content"]] = (
+                    np.asarray([a["id"]], dtype=np.int32),
+                    np.asarray([[0, len(a["content"])]], dtype=np.int64),
+                )
+        self.words_re = self._words_re(spec) if self.piecewise and WORD_SPLIT else None
+        self.words: dict[str, list[str]] = {}  # piece -> its words (itself when it is not cut)
+
+    def _words_re(self, spec: dict[str, Any]) -> re.Pattern[str] | None:
+        """The GPT-2 pre-tokenizer split, for pieces of printable ASCII (+ tab, newline, carriage return) only, when
+        the tokenizer is exactly: no normaliser, a ByteLevel pre-tokenizer with its regex and no prefix space, BPE.
+
+        Such a tokenizer encodes each match of that regex (a word) on its own, so a piece's tokens are its words'
+        tokens one after the other. On that alphabet the Rust regex's classes (\\p{L}, \\p{N}, \\s) are exactly
+        [A-Za-z], [0-9], [\\t\\n\\r ]. A probe of tricky text must encode the same both ways, else None."""
+        pre = spec.get("pre_tokenizer") or {}
+        if spec.get("normalizer") is not None or (spec.get("model") or {}).get("type") != "BPE":
+            return None
+        if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+            return None
+        words = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
+        probe = "It's  a\n\n test 123abc 'll'LL 're x'd \t\r\n  y!! ?? ..(a) {\"k\": [1, 2.5]}\n \n\n  z  "
+        whole = self.backend.encode(probe, add_special_tokens=False)
+        ids, offs, pos = [], [], 0
+        for w in words.findall(probe):
+            e = self.backend.encode(w, add_special_tokens=False)
+            ids += e.ids
+            offs += [(a + pos, b + pos) for a, b in e.offsets]
+            pos += len(w)
+        if pos != len(probe) or ids != whole.ids or offs != [tuple(o) for o in whole.offsets]:
+            return None
+        return words
+
+    def _plain_path_reason(self, spec: dict[str, Any], added: list[dict[str, Any]]) -> str | None:
+        """Why pieces between added tokens could encode differently alone than in context (None: they cannot)."""
+        if getattr(self.backend, "encode_special_tokens", False):
+            return "split_special_tokens is on"
+        for a in added:
+            if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
+                return f"added token {a['content']!r} strips whitespace or matches single words"
+            if a.get("normalized") and spec.get("normalizer") is not None:
+                return f"added token {a['content']!r} is matched after normalisation"
+        for comp in _component_types(spec.get("pre_tokenizer")):
+            if comp.get("type") == "Metaspace" and comp.get("prepend_scheme", "always") == "first":
+                return "the Metaspace pre-tokenizer prepends only to the first piece"
+        if (spec.get("model") or {}).get("dropout"):
+            return "BPE dropout is on"
+        return None
+
+    def _encode_new(self, pieces: list[str]) -> None:
+        """Encode pieces not seen yet (one batched Rust call) into the cache, as views of two flat arrays."""
+        encs = self.backend.encode_batch(pieces, add_special_tokens=False)
+        lens = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        ends = np.cumsum(lens)
+        total = int(ends[-1]) if len(ends) else 0
+        ids = np.fromiter(chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=total)
+        offs = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encs)), np.int64, 2 * total)
+        offs = offs.reshape(-1, 2)
+        for p, b, n in zip(pieces, ends.tolist(), lens.tolist()):
+            self.cache[p] = (ids[b - n : b], offs[b - n : b])
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Encode a batch (only when `piecewise`).
+
+        Args:
+            texts: rendered conversations.
+
+        Returns:
+            (flat ids int32, flat character offsets (n, 2) int64 within each text, row offsets int64 (len(texts) + 1)
+            into the flat arrays).
+        """
+        if len(self.cache) > _PIECE_CACHE_MAX:
+            self.cache.clear()
+        if len(self.words) > _PIECE_CACHE_MAX:
+            self.words.clear()
+        cache, special = self.cache, self.special
+        # Cut every text at its added tokens; number the batch's distinct pieces (a piece's code is its position in
+        # `index`); all per-piece work below is then done once per distinct piece, and per-part work in numpy.
+        split = self.split_re.split if self.split_re is not None else (lambda t: [t])
+        rows = [split(t) for t in texts]
+        if self.words_re is not None:  # pieces of the safe alphabet cut further into their words (see _words_re)
+            words, unsafe, memo = self.words_re.findall, _UNSAFE_FOR_WORDS.search, self.words
+            for p in dict.fromkeys(chain.from_iterable(rows)):  # each distinct piece of the batch once
+                w = memo.get(p)
+                if w is None:  # first seen: its words (most pieces are one row's content, seen once)
+                    memo[p] = [p] if p in special or unsafe(p) else words(p)
+                elif len(w) > 1:  # seen again (a header, a tool list): encoded whole from now on, one part
+                    memo[p] = [p]
+            get = memo.__getitem__
+            rows = [list(chain.from_iterable(map(get, r))) or [""] for r in rows]
+        parts = list(chain.from_iterable(rows))
+        uniq = list(dict.fromkeys(parts))  # distinct pieces, in first-seen order
+        index = dict(zip(uniq, range(len(uniq))))
+        codes = np.fromiter(map(index.__getitem__, parts), dtype=np.int64, count=len(parts))
+        missing = [p for p in uniq if p and p not in special and p not in cache]
+        if missing:
+            self._encode_new(missing)
+        empty = (np.zeros(0, np.int32), np.zeros((0, 2), np.int64))
+        table = [special.get(p) or cache.get(p) or empty for p in uniq]  # a special token wins over a text piece
+        u_len = np.fromiter((len(t[0]) for t in table), dtype=np.int64, count=len(table))
+        u_start = np.concatenate([[0], np.cumsum(u_len)[:-1]])
+        u_ids = np.concatenate([t[0] for t in table]) if table else empty[0]
+        u_offs = np.concatenate([t[1] for t in table]) if table else empty[1]
+        # per part: its tokens (from the distinct-piece table) and its character position within its row
+        tok_len = u_len[codes]
+        char_len = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+        parts_per_row = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        row_first_part = np.concatenate([[0], np.cumsum(parts_per_row)[:-1]])
+        char_end = np.cumsum(char_len)
+        char_pos = char_end - char_len - np.repeat(char_end[row_first_part] - char_len[row_first_part], parts_per_row)
+        tok_end = np.cumsum(tok_len)
+        total = int(tok_end[-1]) if len(tok_end) else 0
+        gather = np.arange(total, dtype=np.int64) + np.repeat(u_start[codes] - (tok_end - tok_len), tok_len)
+        ids = u_ids[gather]
+        offs = u_offs[gather] + np.repeat(char_pos, tok_len)[:, None]
+        row_tokens = np.add.reduceat(tok_len, row_first_part) if len(parts) else np.zeros(len(rows), np.int64)
+        return ids, offs, np.concatenate([[0], np.cumsum(row_tokens)])
+
+
+_PIECES: dict[tuple[int, bool], tuple[Any, PieceTokenizer]] = {}
+
+
+def piece_tokenizer(tokenizer: Any) -> PieceTokenizer:
+    """The PieceTokenizer of a tokenizer, built once per process (and per state of `ENABLED`)."""
+    key = (id(tokenizer), ENABLED)
+    entry = _PIECES.get(key)
+    if entry is None or entry[0] is not tokenizer:
+        entry = _PIECES[key] = (tokenizer, PieceTokenizer(tokenizer))
+    return entry[1]

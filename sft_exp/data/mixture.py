@@ -95,7 +95,25 @@ def select_mixture(
     total_rows: int | None = None,
     total_tokens: int | None = None,
 ) -> dict[str, SourceSelection]:
-    """Every source's selection. trained_per_row[name]: trained (assistant) tokens of each row of the source."""
+    """Every source's selection of training rows (repeats allowed) and held-out rows, drawn per (seed, source name).
+
+    Args:
+        trained_per_row: per source, the trained (assistant) tokens of each of its rows.
+        weights: per source, mixture.sources.<name>.weight.
+        test_split_size: share of each source held out for eval (the same rows whatever the weights).
+        seed: mixture.seed.
+        weighting: ``fraction`` (keep floor(w x rows); w > 1 repeats) or ``proportion`` (weights are shares of
+            ``total_rows`` or ``total_tokens`` of trained tokens).
+
+    Returns:
+        {source: SourceSelection(train=row indices, eval=row indices, epochs=selected / available)}.
+
+    Example:
+        >>> s = select_mixture({"a": np.array([3, 4, 5, 6]), "b": np.array([1, 1])}, {"a": 0.5, "b": 2.0}, 0.0, 0,
+        ...                    "fraction")
+        >>> s["a"].train.tolist(), s["b"].train.tolist(), s["b"].epochs
+        ([3, 2], [0, 1, 0, 1], 2.0)
+    """
     if weighting == "fraction":
         return {n: select_fraction(len(t), weights[n], test_split_size, seed, n) for n, t in trained_per_row.items()}
     total_w = sum(weights.values())

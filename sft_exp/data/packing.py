@@ -656,6 +656,21 @@ def pack_plan(
     and cut every ``capacity`` tokens; the last row may be short) or ``none`` (one piece per row).  ``overflow`` is
     applied first (see :func:`apply_overflow`); with ``wrapped``, ``None`` and ``split`` both just let long sequences
     be cut by the wrapping, since a wrapped stream has no per-sequence limit.
+
+    Args:
+        lengths: tokens of each sequence (int array), in the order the rows were selected.
+        capacity: tokens per packed row (packing.max_length).
+        strategy: how sequences are assigned to rows (above).
+        overflow: what happens to a sequence longer than ``capacity``: ``truncate``, ``split`` or ``drop``.
+
+    Returns:
+        A PackPlan: ``row_offsets`` (piece range of each row), ``seq_index`` / ``start`` / ``length`` (each piece: its
+        sequence, first token and length), ``bins`` and ``efficiency`` (tokens / (bins x capacity)).
+
+    Example:
+        >>> p = pack_plan(np.array([5, 3, 4, 2]), 8, "ffd")
+        >>> p.bins, p.row_offsets.tolist(), p.length.tolist(), round(p.efficiency, 3)
+        (2, [0, 2, 4], [5, 3, 4, 2], 0.875)
     """
     capacity = _check_capacity(capacity)
     if strategy not in STRATEGIES:

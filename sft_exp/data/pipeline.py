@@ -20,23 +20,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
+import pyarrow as pa
+from filelock import FileLock
 
 from sft_exp.config import RunConfig
 from sft_exp.data import packing as pk
 from sft_exp.data.mixture import select_mixture
 from sft_exp.data.sources import check_same_columns, fingerprint, load_source, row_problem
+from sft_exp.data.stats import MixtureStats, SourceStats, length_stats, truncation_lines, truncation_report
 from sft_exp.data.template import RenderSpec, encode_conversations, row_kwargs
-from sft_exp.data.template_check import check_template, truncation_lines, truncation_report
+from sft_exp.data.template_check import check_template, sample_indices
 from sft_exp.errors import DataError
+from sft_exp.ranks import is_main_process
 
 CACHE_VERSION = "2"
+# Tokens per tokenise batch (about): a worker holds one batch's texts, encodings and arrays, so the batch is bounded
+# in tokens, not only in rows, or a source of 15k-token conversations would hold 512 x 15k tokens at once.
+MAP_BATCH_TOKENS = 1 << 21
 
 
 @dataclass
 class TokenizedSource:
     """A source's valid rows, tokenised, as stored in the cache: the token data stays in the memory-mapped Arrow
-    chunks (nothing is copied until rows are gathered into packed rows); per-row facts are small arrays."""
+    chunks (nothing is copied until rows are gathered, one packed batch at a time); per-row facts are small arrays.
+
+    Pickling keeps the cache path, not the token data: an unpickled copy (e.g. in a DataLoader worker started with
+    spawn) maps the same cache files again."""
 
     name: str
     chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per Arrow chunk: (input_ids, assistant_masks, offsets)
@@ -49,11 +60,21 @@ class TokenizedSource:
     rows_dropped: int
     cache: str  # "hit" or "miss"
     columns: list[str] = field(default_factory=list)  # the source's columns as loaded (after `columns` selection)
+    path: str = ""  # the cache entry the chunks map
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("chunks", "input_ids", "assistant_masks")}
+        return {**state, "chunks": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.chunks is None:
+            self.chunks, _ = _open_chunks(Path(self.path))
 
     def _flat(self, k: int) -> np.ndarray:
         return np.concatenate([c[k] for c in self.chunks]) if self.chunks else np.empty(0, np.int32)
 
-    # Flat views for diagnostics (template check, truncation report): these copy the source's tokens into memory.
+    # Flat copies of the whole source, for tests and diagnostics only: the data stage never uses them.
     @functools.cached_property
     def input_ids(self) -> np.ndarray:
         return self._flat(0)
@@ -66,9 +87,17 @@ class TokenizedSource:
     def offsets(self) -> np.ndarray:
         return np.concatenate(([0], np.cumsum(self.lengths))).astype(np.int64)
 
-    def gather(self, rows: np.ndarray, starts: np.ndarray, lengths: np.ndarray, outs: tuple, dst: np.ndarray) -> None:
-        """Copy tokens [starts[p], starts[p] + lengths[p]) of row rows[p] to dst[p] in each of outs (ids, masks),
-        chunk by chunk, straight from the memory-mapped cache."""
+    def gather(
+        self,
+        rows: np.ndarray,
+        starts: np.ndarray,
+        lengths: np.ndarray,
+        outs: tuple[np.ndarray | None, ...],
+        dst: np.ndarray,
+    ) -> None:
+        """Copy tokens [starts[p], starts[p] + lengths[p]) of row rows[p] to dst[p] in each of outs (ids, masks; an
+        out given as None is skipped, so a mask-only gather reads no ids), chunk by chunk, straight from the
+        memory-mapped cache. Reads only the pages of the requested ranges."""
         chunk = np.searchsorted(self.chunk_rows, rows, side="right") - 1
         order = np.argsort(chunk, kind="stable")
         bounds = np.searchsorted(chunk[order], np.arange(len(self.chunks) + 1))
@@ -79,16 +108,117 @@ class TokenizedSource:
             ids, masks, offs = self.chunks[c]
             src_start = offs[rows[sel] - self.chunk_rows[c]] + starts[sel]
             for column, out in zip((ids, masks), outs):
-                pk.scatter(column, src_start, lengths[sel], out, dst[sel])
+                if out is not None:
+                    pk.scatter(column, src_start, lengths[sel], out, dst[sel])
+
+
+class PackedRows:
+    """The packed rows of a set, gathered on demand: the packing plan (O(pieces) integers) + the sources' memory-mapped
+    token data. It is the `datasets` custom-format transform of the set (see `packed_dataset`): given a batch of packed
+    row indices it gathers just those rows' tokens, so no more than one batch of tokens is ever in memory.
+
+    Row r is pieces `row_offsets[r]:row_offsets[r + 1]`; piece p is tokens [start[p], start[p] + length[p]) of row
+    `seq_row[p]` of source `seq_source[p]`. Pickles small (the plan and the cache paths; see TokenizedSource)."""
+
+    def __init__(
+        self,
+        sources: list[TokenizedSource],
+        row_offsets: np.ndarray,
+        seq_source: np.ndarray,
+        seq_row: np.ndarray,
+        start: np.ndarray,
+        length: np.ndarray,
+    ) -> None:
+        self.sources = sources
+        self.row_offsets = np.asarray(row_offsets, dtype=np.int64)
+        self.seq_source = np.asarray(seq_source, dtype=np.int16)
+        self.seq_row = np.asarray(seq_row, dtype=np.int64)
+        self.start = np.asarray(start, dtype=np.int64)
+        self.length = np.asarray(length, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.row_offsets) - 1
+
+    def _pieces(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the pieces of `rows` in order, piece offsets per row: len(rows) + 1)."""
+        a, b = self.row_offsets[rows], self.row_offsets[rows + 1]
+        counts = b - a
+        bounds = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        pieces = np.repeat(a - bounds[:-1], counts) + np.arange(bounds[-1], dtype=np.int64)
+        return pieces, bounds
+
+    def gather(self, rows: np.ndarray, ids: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """Flat (input_ids or None, loss_mask) of packed rows `rows` laid end to end, and the token offset of each
+        row (len(rows) + 1)."""
+        pieces, bounds = self._pieces(rows)
+        lengths = self.length[pieces]
+        dst = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+        out_ids = np.empty(int(dst[-1]), np.int32) if ids else None
+        out_masks = np.empty(int(dst[-1]), np.int8)
+        src_of = self.seq_source[pieces]
+        for s_i in np.unique(src_of).tolist():
+            p = np.flatnonzero(src_of == s_i)
+            sel = pieces[p]
+            self.sources[s_i].gather(self.seq_row[sel], self.start[sel], lengths[p], (out_ids, out_masks), dst[p])
+        return out_ids, out_masks, dst[bounds]
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """The transform: {"row": [r, ...]} -> the rows' input_ids, loss_mask, seq_lengths, seq_sources (lists, as a
+        `datasets` row in python format holds them)."""
+        rows = np.asarray(batch["row"], dtype=np.int64)
+        ids, masks, offs = self.gather(rows)
+        pieces, bounds = self._pieces(rows)
+        out: dict[str, list[Any]] = {"input_ids": [], "loss_mask": [], "seq_lengths": [], "seq_sources": []}
+        for i in range(len(rows)):
+            a, b = int(offs[i]), int(offs[i + 1])
+            p = pieces[bounds[i] : bounds[i + 1]]
+            out["input_ids"].append(ids[a:b].tolist())  # type: ignore[index]
+            out["loss_mask"].append(masks[a:b].tolist())
+            out["seq_lengths"].append(self.length[p].tolist())
+            out["seq_sources"].append(self.seq_source[p].tolist())
+        return out
+
+    def trained_tokens(self, batch_tokens: int = 1 << 24) -> int:
+        """Trained (loss_mask = 1) tokens of the whole set, read about `batch_tokens` mask bytes at a time."""
+        ends = np.cumsum(np.add.reduceat(self.length, self.row_offsets[:-1])) if len(self) and len(self.length) else []
+        total, a = 0, 0
+        while a < len(ends):
+            done = int(ends[a - 1]) if a else 0
+            b = max(a + 1, int(np.searchsorted(ends, done + batch_tokens, side="right")))
+            total += int(self.gather(np.arange(a, b, dtype=np.int64), ids=False)[1].sum(dtype=np.int64))
+            a = b
+        return total
+
+
+class PackedDataset(datasets.Dataset):
+    """A datasets.Dataset whose Arrow table holds only the packed row indices (column `row`, O(rows) memory): every
+    access (`ds[i]`, a DataLoader batch through `__getitems__`, iteration) gathers the rows it reads from the
+    memory-mapped cache through its custom-format transform (a PackedRows). `ds["input_ids"]` (any of the four
+    columns) returns that column as a list, gathering the whole set: for tests and small (eval) sets."""
+
+    COLUMNS = ("input_ids", "loss_mask", "seq_lengths", "seq_sources")
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str) and key in self.COLUMNS:
+            return [x for batch in self.iter(batch_size=256) for x in batch[key]]
+        return super().__getitem__(key)
+
+
+def packed_dataset(rows: PackedRows) -> PackedDataset:
+    """The packed rows as a PackedDataset (see there). TRL takes it as any Dataset (its preparation is skipped); the
+    Trainer's sampler needs only its length, and its DataLoader reads one batch of rows at a time."""
+    ds = PackedDataset(pa.table({"row": pa.array(np.arange(len(rows), dtype=np.int64))}))
+    ds.set_transform(rows)
+    return ds
 
 
 @dataclass
 class PreparedData:
-    train: Any  # datasets.Dataset of packed rows
-    eval: dict[str, Any]  # source name -> datasets.Dataset of packed held-out rows
+    train: Any  # datasets.Dataset of packed rows, gathered per access (packed_dataset)
+    eval: dict[str, Any]  # source name -> datasets.Dataset of packed held-out rows (the same)
     eval_trained_tokens: dict[str, int]
     source_names: list[str]
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: MixtureStats
 
 
 # ----------------------------------------------------------------------------------------------------- tokenising
@@ -124,7 +254,6 @@ def _think_mode(spec: RenderSpec, messages: list[dict[str, Any]], kwargs: Any) -
 def _tokenize_fn(spec: RenderSpec, tokenizer: Any, name: str, drop_bad: bool):
     """The `Dataset.map` function: a batch of conversations -> an Arrow table built straight from the flat token and
     mask arrays (zero-copy list columns; no per-row Python lists for datasets to convert) with per-row facts."""
-    import pyarrow as pa
 
     def fn(batch: dict[str, list[Any]], idx: list[int]) -> pa.Table:
         kwargs = batch.get("chat_template_kwargs")
@@ -174,15 +303,11 @@ def _tokenize_fn(spec: RenderSpec, tokenizer: Any, name: str, drop_bad: bool):
     return fn
 
 
-def _from_cached(name: str, path: Path, cache: str) -> TokenizedSource:
-    import datasets
-
-    ds = datasets.load_from_disk(str(path))  # memory-mapped
-    meta = json.loads((path / "sft_exp_meta.json").read_text())
-    table = ds.data.table
-    ids_col, mask_col = table.column("input_ids"), table.column("assistant_masks")
-    chunks, rows = [], [0]
-    for ids, masks in zip(ids_col.chunks, mask_col.chunks):
+def _open_chunks(path: Path) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], Any]:
+    """Zero-copy numpy views of a cache entry's memory-mapped Arrow chunks, and its table (for the per-row columns)."""
+    table = datasets.load_from_disk(str(path)).data.table  # memory-mapped
+    chunks = []
+    for ids, masks in zip(table.column("input_ids").chunks, table.column("assistant_masks").chunks):
         # .values is the chunk's whole (unsliced) buffer: cut it to the chunk's own range; zero-copy views.
         offs = ids.offsets.to_numpy().astype(np.int64)
         moffs = masks.offsets.to_numpy()
@@ -193,7 +318,13 @@ def _from_cached(name: str, path: Path, cache: str) -> TokenizedSource:
                 offs - offs[0],
             )
         )
-        rows.append(rows[-1] + len(ids))
+    return chunks, table
+
+
+def _from_cached(name: str, path: Path, cache: str) -> TokenizedSource:
+    meta = json.loads((path / "sft_exp_meta.json").read_text())
+    chunks, table = _open_chunks(path)
+    rows = np.concatenate(([0], np.cumsum([len(c[2]) - 1 for c in chunks]))).astype(np.int64)
 
     def col(name: str, dtype: Any) -> np.ndarray:
         return table.column(name).to_numpy().astype(dtype)
@@ -201,7 +332,7 @@ def _from_cached(name: str, path: Path, cache: str) -> TokenizedSource:
     return TokenizedSource(
         name,
         chunks,
-        np.asarray(rows, dtype=np.int64),
+        rows,
         col("length", np.int64),
         col("trained", np.int64),
         col("first_trained", np.int64),
@@ -210,13 +341,20 @@ def _from_cached(name: str, path: Path, cache: str) -> TokenizedSource:
         meta["rows_dropped"],
         cache,
         meta["columns"],
+        str(path),
     )
+
+
+def _map_batch_rows(ds: Any) -> int:
+    """Rows per tokenise batch: about MAP_BATCH_TOKENS tokens (estimated from the characters of sampled rows at 3 per
+    token), between 8 and 512 rows. The cached tokens do not depend on it."""
+    sample = ds.select(sample_indices(len(ds), 64))["messages"]
+    chars = sum(len(str(m.get("content") or "")) for row in sample for m in row) / max(1, len(sample))
+    return int(np.clip(MAP_BATCH_TOKENS * 3 / max(chars, 1.0), 8, 512))
 
 
 def tokenize_source(name: str, run: RunConfig, spec: RenderSpec, tokenizer: Any, cache_dir: Path) -> TokenizedSource:
     """Tokenise one source through the cache: a hit memory-maps the stored Arrow data, a miss builds and stores it."""
-    from filelock import FileLock
-
     key = cache_key(name, run, spec, _tokenizer_digest(tokenizer))
     final = cache_dir / f"{name}-{key}"
     if (final / "sft_exp_meta.json").exists():
@@ -231,7 +369,7 @@ def tokenize_source(name: str, run: RunConfig, spec: RenderSpec, tokenizer: Any,
         out = ds.map(
             _tokenize_fn(spec, tokenizer, name, drop_bad),
             batched=True,
-            batch_size=512,
+            batch_size=_map_batch_rows(ds),
             with_indices=True,
             remove_columns=ds.column_names,
             num_proc=run.mixture.num_proc if run.mixture.num_proc > 1 else None,
@@ -272,73 +410,50 @@ def check_header_fits(run: RunConfig, sources: list[TokenizedSource]) -> None:
 
 # ------------------------------------------------------------------------------------------------------- packing
 def packing_choice(run: RunConfig) -> tuple[str, str]:
-    """(planner strategy, overflow policy): TRL's bfd_split is our bfd with long sequences split."""
-    strategy = run.packing.strategy.value if run.packing.enabled else "none"
-    if strategy == "bfd_split":
-        return "bfd", "split"
-    return strategy, run.packing.overflow.value
+    """(planner strategy, overflow policy); TRL's bfd_split is packing=bfd_split: strategy bfd + overflow split."""
+    return run.packing.strategy.value, run.packing.overflow.value
 
 
 def _pack(
     run: RunConfig, sources: list[TokenizedSource], selections: list[np.ndarray]
-) -> tuple[Any, dict[str, Any], np.ndarray, pk.PackPlan]:
-    """Pack the selected rows of every source together into a datasets.Dataset of packed rows."""
-    import datasets
-    import pyarrow as pa
-
+) -> tuple[Any, dict[str, Any], np.ndarray, PackedRows]:
+    """Plan the packing of the selected rows of every source together; returns (a datasets.Dataset of the packed rows,
+    gathered per access from the memory-mapped cache: see packed_dataset; the plan's summary; the selected lengths;
+    the PackedRows). Only O(rows) integers are built here, no token is read."""
     # The plan is made over the selected rows of every source (with repeats for weights > 1).
-    lengths = [src.lengths[sel] for src, sel in zip(sources, selections)]
-    src_of_seq = [np.full(len(sel), s_i, dtype=np.int16) for s_i, sel in enumerate(selections)]
-    lengths_a = np.concatenate(lengths).astype(np.int64)
-    seq_src = np.concatenate(src_of_seq)
+    lengths_a = np.concatenate([src.lengths[sel] for src, sel in zip(sources, selections)]).astype(np.int64)
+    seq_src = np.concatenate([np.full(len(sel), s_i, dtype=np.int16) for s_i, sel in enumerate(selections)])
     strategy, overflow = packing_choice(run)
     plan = pk.pack_plan(lengths_a, run.packing.max_length, strategy, overflow)
-    piece_src = seq_src[plan.seq_index]
-    # One output allocation per column; rows are copied chunk by chunk from each source's memory-mapped cache.
-    out_ids, out_masks = np.empty(plan.tokens, np.int32), np.empty(plan.tokens, np.int8)
-    token_offsets = np.concatenate(([0], np.cumsum(plan.length))).astype(np.int64)  # where each piece starts
-    local_rows = np.concatenate(selections)[plan.seq_index] if len(plan.seq_index) else plan.seq_index
-    for s_i, src in enumerate(sources):
-        p = np.flatnonzero(piece_src == s_i)
-        src.gather(local_rows[p], plan.start[p], plan.length[p], (out_ids, out_masks), token_offsets[p])
-    row_offsets = token_offsets[plan.row_offsets]
-
-    def list_col(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
-        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
-
-    table = pa.table(
-        {
-            "input_ids": list_col(out_ids, row_offsets),
-            "loss_mask": list_col(out_masks, row_offsets),
-            "seq_lengths": list_col(plan.length.astype(np.int32), plan.row_offsets),
-            "seq_sources": list_col(piece_src.astype(np.int16), plan.row_offsets),
-        }
-    )
-    return datasets.Dataset(table), plan.summary(), lengths_a, plan
+    local_rows = np.concatenate(selections).astype(np.int64)[plan.seq_index] if len(plan.seq_index) else plan.seq_index
+    rows = PackedRows(sources, plan.row_offsets, seq_src[plan.seq_index], local_rows, plan.start, plan.length)
+    return packed_dataset(rows), plan.summary(), lengths_a, rows
 
 
 # ------------------------------------------------------------------------------------------------------- the stage
-def _length_stats(lengths: np.ndarray) -> dict[str, float]:
-    if len(lengths) == 0:
-        return {"mean_length": 0.0, "p50_length": 0, "p95_length": 0, "max_length": 0}
-    return {
-        "mean_length": round(float(lengths.mean()), 1),
-        "p50_length": int(np.percentile(lengths, 50)),
-        "p95_length": int(np.percentile(lengths, 95)),
-        "max_length": int(lengths.max()),
-    }
-
-
 def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path, *, verbose: bool = True) -> PreparedData:
     """Build the mixture, tokenise (through the cache), select rows by weight, pack train and per-source eval sets.
 
-    `verbose`: print the template check (rank 0). The ranks of a multi-process run pass False: the launcher already
-    prepared the data and printed it once."""
+    Args:
+        run: the run config (mixture, template, packing, train.assistant_only_loss).
+        tokenizer: the run's tokenizer (sft_exp.train.model.build_tokenizer), chat template set.
+        cache_dir: where tokenised sources are cached, keyed per source by what changes their tokens.
+        verbose: print the template check (rank 0). The ranks of a multi-process run pass False: the launcher
+            already prepared the data and printed it once.
+
+    Returns:
+        PreparedData: `train` (datasets.Dataset of packed rows: input_ids, loss_mask, seq_lengths, seq_sources; the
+        rows are gathered from the memory-mapped cache when read, one batch at a time, see packed_dataset),
+        `eval` (one packed Dataset per source with held-out rows), `eval_trained_tokens` (the weights of eval "all"),
+        `source_names` (sorted) and `stats` (MixtureStats, written as mixture_stats.json).
+
+    Raises:
+        DataError / TemplateError naming the source, row and fix, before anything is trained.
+    """
     t0 = time.perf_counter()
     spec = RenderSpec.build(run.template, tokenizer)
     names = sorted(run.mixture.sources)  # sorted: the result does not depend on the listing order
     # Prove the loss mask on samples of every source before tokenising anything (raises, naming source and row).
-    from sft_exp.ranks import is_main_process
 
     template_check = check_template(run, spec, tokenizer) if run.train.assistant_only_loss else None
     if template_check is not None and verbose and is_main_process():
@@ -363,28 +478,30 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path, *, verbose: bo
     for src in sources:
         sel = selections[src.name]
         tl = src.lengths[sel.train]
-        per_source[src.name] = {
-            "rows_in_source": src.rows_in_source,
-            "rows_dropped": src.rows_dropped,
-            "rows_heldout": int(len(sel.eval)),
-            "rows": int(len(sel.train)),
-            "weight": weights[src.name],
-            "epochs": round(sel.epochs, 4),
-            "tokens": int(tl.sum()),
-            "trained_tokens": int(trained_rows[src.name][sel.train].sum()),
-            "think_share": round(float(src.think[sel.train].mean()), 4) if len(sel.train) else 0.0,
-            **_length_stats(tl),
-            "cache": src.cache,
-        }
+        per_source[src.name] = SourceStats(
+            rows_in_source=src.rows_in_source,
+            rows_dropped=src.rows_dropped,
+            rows_heldout=int(len(sel.eval)),
+            rows=int(len(sel.train)),
+            weight=weights[src.name],
+            epochs=round(sel.epochs, 4),
+            tokens=int(tl.sum()),
+            trained_tokens=int(trained_rows[src.name][sel.train].sum()),
+            think_share=round(float(src.think[sel.train].mean()), 4) if len(sel.train) else 0.0,
+            **length_stats(tl),
+            cache=src.cache,
+        )
 
-    train_ds, pstats, lengths, plan = _pack(run, sources, train_sel)
+    train_ds, pstats, lengths, _ = _pack(run, sources, train_sel)
     # overflow is counted per sequence; attribute truncations back to their sources
     over = lengths > run.packing.max_length
     seq_src = np.concatenate([np.full(len(s), i) for i, s in enumerate(train_sel)])
     overflow = packing_choice(run)[1]
     for i, src in enumerate(sources):
-        per_source[src.name]["rows_over_max_length"] = int(over[seq_src == i].sum())
-        per_source[src.name].update(truncation_report(run.packing.max_length, overflow, src, train_sel[i]))
+        s = per_source[src.name]
+        s.rows_over_max_length = int(over[seq_src == i].sum())
+        for key, value in truncation_report(run.packing.max_length, overflow, src, train_sel[i]).items():
+            setattr(s, key, value)
     for line in truncation_lines(per_source, run.packing.max_length, overflow) if is_main_process() else []:
         print(line, flush=True)
 
@@ -394,62 +511,45 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path, *, verbose: bo
             continue
         blanks = [np.empty(0, dtype=np.int64)] * len(sources)
         only = [sel if s is src else blanks[0] for s in sources]
-        ds, _, _, _ = _pack(run, sources, only)
+        ds, _, _, rows = _pack(run, sources, only)
         eval_sets[src.name] = ds
-        eval_trained[src.name] = int(sum(int(np.sum(m)) for m in ds["loss_mask"]))
+        eval_trained[src.name] = rows.trained_tokens()
 
-    total_tokens = sum(s["tokens"] for s in per_source.values())
-    stats = {
-        "mixture": {
-            "weighting": m.weighting.value,
-            "total_rows": m.total_rows,
-            "total_tokens": m.total_tokens,
-            "seed": m.seed,
-            "test_split_size": m.test_split_size,
-        },
-        "sources": per_source,
-        "template_check": template_check.summary() if template_check is not None else None,
-        "total": {
-            "rows": sum(s["rows"] for s in per_source.values()),
-            "rows_heldout": sum(s["rows_heldout"] for s in per_source.values()),
-            "tokens": total_tokens,
-            "trained_tokens": sum(s["trained_tokens"] for s in per_source.values()),
-            "think_share": round(
-                sum(s["think_share"] * s["rows"] for s in per_source.values())
-                / max(1, sum(s["rows"] for s in per_source.values())),
-                4,
-            ),
-        },
-        "packing": {
-            "strategy": run.packing.strategy.value if run.packing.enabled else "none",
-            "max_length": run.packing.max_length,
-            **pstats,
-        },
-        "cache": {
-            "dir": str(cache_dir),
-            "hits": sum(s.cache == "hit" for s in sources),
-            "misses": sum(s.cache == "miss" for s in sources),
-        },
-        "seconds": {"tokenise": round(t_tok, 3), "total": round(time.perf_counter() - t0, 3)},
-    }
-    return PreparedData(train_ds, eval_sets, eval_trained, names, stats)
-
-
-def format_table(stats: dict[str, Any]) -> str:
-    """The per-source table printed before training and by mode=prepare."""
-    cols = ["rows_in_source", "rows_heldout", "weight", "rows", "epochs", "tokens", "trained_tokens", "think_share"]
-    cols += ["mean_length", "p95_length", "max_length", "rows_over_max_length", "rows_dropped", "cache"]
-    head = ["source", *cols]
-    body = [[name, *[str(s.get(c, "")) for c in cols]] for name, s in stats["sources"].items()]
-    t = stats["total"]
-    body.append(["TOTAL", "", str(t["rows_heldout"]), "", str(t["rows"]), ""])
-    body[-1] += [str(t["tokens"]), str(t["trained_tokens"]), str(t["think_share"])] + [""] * (len(cols) - 8)
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    p = stats["packing"]
-    lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
-    lines.append(
-        f"packing: {p['strategy']} max_length={p['max_length']} bins={p['bins']} "
-        f"efficiency={p['efficiency']:.4f}  cache: {stats['cache']['hits']} hit / {stats['cache']['misses']} miss"
+    selected = list(per_source.values())
+    return PreparedData(
+        train_ds,
+        eval_sets,
+        eval_trained,
+        names,
+        MixtureStats(
+            mixture={
+                "weighting": m.weighting.value,
+                "total_rows": m.total_rows,
+                "total_tokens": m.total_tokens,
+                "seed": m.seed,
+                "test_split_size": m.test_split_size,
+            },
+            sources=per_source,
+            template_check=template_check.summary() if template_check is not None else None,
+            total={
+                "rows": sum(s.rows for s in selected),
+                "rows_heldout": sum(s.rows_heldout for s in selected),
+                "tokens": sum(s.tokens for s in selected),
+                "trained_tokens": sum(s.trained_tokens for s in selected),
+                "think_share": round(
+                    sum(s.think_share * s.rows for s in selected) / max(1, sum(s.rows for s in selected)), 4
+                ),
+            },
+            packing={
+                "strategy": run.packing.strategy.value,
+                "max_length": run.packing.max_length,
+                **pstats,
+            },
+            cache={
+                "dir": str(cache_dir),
+                "hits": sum(s.cache == "hit" for s in sources),
+                "misses": sum(s.cache == "miss" for s in sources),
+            },
+            seconds={"tokenise": round(t_tok, 3), "total": round(time.perf_counter() - t0, 3)},
+        ),
     )
-    return "\n".join(lines)

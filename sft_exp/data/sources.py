@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any
 
+import datasets
+
 from sft_exp.config import ConfigError, SourceConfig
 from sft_exp.errors import DataError
 
@@ -66,8 +68,6 @@ def fingerprint(spec: SourceConfig) -> str:
 
 def load_source(name: str, spec: SourceConfig) -> Any:
     """Load one source as a `datasets.Dataset` restricted to its columns. Raises DataError/ConfigError clearly."""
-    import datasets
-
     where = f"mixture.sources.{name}"
     try:
         if spec.path is not None:

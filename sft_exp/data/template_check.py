@@ -1,7 +1,6 @@
 """The template check: before anything is tokenised, prove on samples of every source that the loss mask is right.
 
     check_template(run, spec, tokenizer) -> TemplateReport   (raises TemplateError when the mask cannot be trusted)
-    truncation_report(run, masks, offsets, rows)               (per source: assistant turns cut by packing.max_length)
 
 For every source, up to SAMPLE_ROWS rows spread over the source are rendered, tokenised and masked exactly as the
 data stage will do it, and checked three ways:
@@ -290,64 +289,3 @@ def check_template(
     if raise_on_failure:
         report.raise_if_failed()
     return report
-
-
-# ---------------------------------------------------------------------------------------------------- truncation
-def _masks_of_rows(src: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The assistant masks of `rows` only (flat, + offsets): gathered from the memory-mapped cache when the source
-    can (pipeline.TokenizedSource.gather), so a large source is never copied whole."""
-    lengths = np.asarray(src.lengths)[rows].astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    if hasattr(src, "gather"):
-        ids = np.empty(int(offsets[-1]), dtype=np.int32)
-        masks = np.empty(int(offsets[-1]), dtype=np.int8)
-        src.gather(rows, np.zeros(len(rows), np.int64), lengths, (ids, masks), offsets[:-1])
-        return masks, offsets
-    flat = np.concatenate([src.assistant_masks[src.offsets[r] : src.offsets[r + 1]] for r in rows]) if len(rows) else []
-    return np.asarray(flat, dtype=np.int8), offsets
-
-
-def truncation_report(max_length: int, overflow: str, src: Any, rows: np.ndarray) -> dict[str, Any]:
-    """The rows of a tokenised source (`rows`: its selected row indices) whose assistant tokens reach past
-    packing.max_length.
-
-    overflow=truncate drops those tokens (`assistant_tokens_cut`; a row whose first max_length tokens hold no trained
-    token trains nothing: `rows_untrained_after_cut`); overflow=split keeps them in a later piece, trained without the
-    context before the cut; overflow=drop drops the whole row (counted by the packing stats)."""
-    rows = np.unique(np.asarray(rows, dtype=np.int64))
-    over = rows[np.asarray(src.lengths)[rows] > max_length]
-    masks, offsets = _masks_of_rows(src, over)
-    cut, lost, untrained = [], 0, 0
-    for i, r in enumerate(over.tolist()):
-        m = masks[int(offsets[i]) : int(offsets[i + 1])]
-        beyond = int(m[max_length:].sum())
-        if beyond:
-            cut.append(r)
-            lost += beyond
-            untrained += int(not m[:max_length].any())
-    out: dict[str, Any] = {"rows_assistant_cut": len(cut), "rows_assistant_cut_examples": cut[:MAX_LISTED]}
-    if overflow == "truncate":
-        out["assistant_tokens_cut"] = lost
-        out["rows_untrained_after_cut"] = untrained
-    return out
-
-
-def truncation_lines(per_source: dict[str, dict[str, Any]], max_length: int, overflow: str) -> list[str]:
-    """Warnings naming the rows whose assistant turn packing.max_length cuts."""
-    lines = []
-    for name, s in per_source.items():
-        n = s.get("rows_assistant_cut", 0)
-        if not n or overflow == "drop":
-            continue
-        rows = ", ".join(map(str, s["rows_assistant_cut_examples"])) + (", ..." if n > MAX_LISTED else "")
-        if overflow == "truncate":
-            what = f"{s['assistant_tokens_cut']} trained tokens dropped"
-            if s["rows_untrained_after_cut"]:
-                what += f"; {s['rows_untrained_after_cut']} of these rows keep no trained token at all"
-        else:
-            what = "the rest is trained in a later piece, without the context before the cut"
-        lines.append(
-            f"warning: {name}: packing.max_length={max_length} cuts an assistant turn in {n} rows (rows {rows}); "
-            f"overflow={overflow}: {what}. Raise packing.max_length to keep them whole"
-        )
-    return lines

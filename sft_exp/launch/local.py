@@ -1,8 +1,7 @@
-"""Runs on this machine: one process in-process, or N ranks spawned here (sft_exp.launch.multiprocess)."""
+"""Runs on this machine: one process in-process, or N ranks started here (sft_exp.launch.ranks)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,8 +10,10 @@ from typing import Any
 from sft_exp.checkpoints import SaveFailed
 from sft_exp.config import ConfigError, DistStrategy, Mode, RunConfig
 from sft_exp.errors import Interrupted
+from sft_exp.io import read_json
 from sft_exp.launch.job import HydraJob
 from sft_exp.launch.resume import open_run_dir
+from sft_exp.rundir import RunDir
 
 
 def resume_command(run_dir: Path, job: HydraJob) -> str:
@@ -45,12 +46,12 @@ def run_local(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started
         if ranks == 1:
             return _in_process(run, run_dir, resume_from, started)
         from sft_exp.config.frozen import load_frozen
-        from sft_exp.launch.multiprocess import spawn_ranks
+        from sft_exp.launch.ranks import start_ranks
         from sft_exp.run import prepare
 
         prepare(load_frozen(run_dir), run_dir)  # once, here: the ranks then read the tokenised cache
-        spawn_ranks(run, run_dir, ranks, resume_from)
-        return json.loads((run_dir / "metrics.json").read_text())
+        start_ranks(run, run_dir, ranks, resume_from)
+        return read_json(RunDir(run_dir).metrics)
     except Interrupted as e:
         print(f"[sft-exp] {e}; {resume_hint(run_dir, job)}", flush=True)
         raise SystemExit(e.exit_code) from None
@@ -66,11 +67,11 @@ def _in_process(run: RunConfig, run_dir: Path, resume_from: Path | None, started
     saved = {k: os.environ.get(k) for k in RANK_ENV}
     if run.mode == Mode.train and run.distributed.strategy not in (DistStrategy.single, DistStrategy.ddp):
         # FSDP and DeepSpeed need a process group even for one process.
-        from sft_exp.launch.multiprocess import free_port
+        from torch.distributed.elastic.utils.distributed import get_free_port
 
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(run.distributed.master_port or free_port()),
+            MASTER_PORT=str(run.distributed.master_port or get_free_port()),
         )  # fmt: skip
         init_process_group(run)
     try:

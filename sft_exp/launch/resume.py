@@ -27,12 +27,13 @@ from typing import Any
 from sft_exp.checkpoints import last_complete_checkpoint, prune_incomplete
 from sft_exp.config import ConfigError, RunConfig
 from sft_exp.config.frozen import load_frozen
+from sft_exp.config.naming import NOT_EXPERIMENT
 from sft_exp.io import write_json
 from sft_exp.launch.job import HydraJob
 from sft_exp.rundir import RunDir
 
 # Keys a resumed command may change: they do not change what is trained.
-MAY_DIFFER = ("resume", "launcher", "tracking", "cache_dir")
+MAY_DIFFER = NOT_EXPERIMENT
 
 
 def _override_key(overrides: list[str]) -> list[str]:

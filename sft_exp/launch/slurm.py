@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_exp.checkpoints import SaveFailed
+from sft_exp.compat import submitit_timeout_signal
 from sft_exp.config import ConfigError, RunConfig
 from sft_exp.errors import Interrupted
 from sft_exp.io import write_json
@@ -100,9 +101,9 @@ def run_task(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started:
 
     # The pre-timeout signal also stops training at a step end; submitit's own handler for it (checkpoint() +
     # requeue) runs afterwards, from rank 0, once the checkpoint is on disk.
-    submitit_usr2 = signal.getsignal(env._usr_sig())
-    STOP.signums = (*STOP.signums, env._usr_sig())
-    from sft_exp.launch.rank import run_rank
+    submitit_usr2 = signal.getsignal(submitit_timeout_signal(env))
+    STOP.signums = (*STOP.signums, submitit_timeout_signal(env))
+    from sft_exp.launch.ranks import run_rank
 
     try:
         # A one-task job prepares in run_rank (rank 0 reports); with several tasks rank 0 prepared above.
@@ -115,7 +116,7 @@ def run_task(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started:
         raise
     except Interrupted as e:
         print(f"[rank {env.global_rank}] {e}", flush=True)
-        if e.signum == env._usr_sig():
+        if e.signum == submitit_timeout_signal(env):
             if env.global_rank == 0 and callable(submitit_usr2):
                 submitit_usr2(e.signum, None)  # checkpoint() -> DelayedSubmission, scontrol requeue, exit
             # The other ranks leave quietly (exit 0): a failing task would make srun end rank 0 before it requeues.

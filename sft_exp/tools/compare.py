@@ -5,9 +5,13 @@
     python -m sft_exp.tools.compare --wandb my-team/sft-exp --group 2026-11-28/12-00-00 --out cmp/
 
 One row per run: the swept values, status, steps, final train loss, overall and per-source eval loss after training,
-tokens/s and wall time; the best run (lowest objective: `--objective all` or a source name) is marked. Plots:
-loss_curves.png (train loss and eval loss against the optimizer step, runs overlaid) and, for each swept key,
-final_eval_vs_<key>.png (final eval loss against the swept value; overall and per source).
+tokens/s and wall time; with eval.generate, generation metrics after training (gen_score: the mean main score over
+sources, gen_stops, gen_think_ok per mode, gen_<source>: each source's main score). The best run (lowest eval loss
+for `--objective all` or a source name; best generation metric for `--objective gen/<source or all>/<metric>`, in
+its direction) is marked. Plots: loss_curves.png (train loss and eval loss against the optimizer step, runs
+overlaid) and, for each swept key, final_eval_vs_<key>.png (final eval loss against the swept value; overall and
+per source) and final_gen_vs_<key>.png (generation metrics against the swept value: overall, and each source's main
+score).
 
 Swept keys come from the sweep index (what the command line or the sweeper varied); for loose run directories they
 are the config keys whose resolved values differ between the runs.
@@ -25,13 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sft_exp.config.naming import compact, short_key
+from sft_exp.config.naming import NOT_EXPERIMENT, compact, short_key
 from sft_exp.io import read_json
 from sft_exp.rundir import RunDir
 from sft_exp.tools.sweep_index import INDEX, load_index
 
 # Config keys that never count as "swept" when runs are diffed (names, paths and bookkeeping, not the experiment).
-NOT_EXPERIMENT = re.compile(r"^(tracking\.|sweep\.|cache_dir$|inspect\.|launcher\.|resume$|experiment$)")
+NOT_EXPERIMENT_KEY = re.compile(rf"^({'|'.join(NOT_EXPERIMENT)})(\.|$)")
 LOSS_UNIT = "loss (nats per trained token)"
 
 
@@ -57,6 +61,18 @@ class RunRecord:
     def eval_after(self, source: str = "all") -> float | None:
         v = (self.final.get("eval_loss_after") or {}).get(source)
         return float(v) if isinstance(v, (int, float)) else None
+
+    def gen(self, source: str = "all", metric: str = "score") -> float | None:
+        """A generation metric after training (metrics.json's eval_generate block), None when absent."""
+        v = ((self.final.get("eval_generate") or {}).get(source) or {}).get(metric)
+        return float(v) if isinstance(v, (int, float)) else None
+
+    def objective(self, objective: str) -> float | None:
+        """The raw value of an objective: gen/<source or all>/<metric>, or the eval loss of `all` / a source."""
+        if objective.startswith("gen/"):
+            _, source, metric = (objective.split("/", 2) + ["", ""])[:3]
+            return self.gen(source, metric)
+        return self.eval_after(objective)
 
 
 # ------------------------------------------------------------------------------------------------------ local runs
@@ -193,7 +209,7 @@ def collect(paths: list[Path]) -> tuple[list[RunRecord], list[str], str]:
         differing = [
             k
             for k in all_keys
-            if not NOT_EXPERIMENT.match(k) and len({json.dumps(f.get(k), default=str) for f in flats.values()}) > 1
+            if not NOT_EXPERIMENT_KEY.match(k) and len({json.dumps(f.get(k), default=str) for f in flats.values()}) > 1
         ]
         keys += [k for k in differing if k not in keys]
         for d in loose:
@@ -239,6 +255,11 @@ def run_from_wandb(
     ):
         if src in summary:
             final[key] = summary[src]
+    gen: dict[str, dict[str, float]] = {}
+    for k, v in section("final/gen/").items():  # <source>/<metric>[/<mode>] -> eval_generate block
+        src, _, metric = k.partition("/")
+        gen.setdefault(src, {})[metric] = v
+    final["eval_generate"] = gen
     final = {k: v for k, v in final.items() if v not in ({}, None)}
     swept_keys = config.get("sweep.swept") or []
     train, evals = curves_from_history(history, final, step_key="train/global_step", prefix="train/")
@@ -282,9 +303,30 @@ def sources_of(runs: list[RunRecord]) -> list[str]:
     return names
 
 
+def gen_sources_of(runs: list[RunRecord]) -> list[str]:
+    """Sources with a generation score (a scorer other than none) in any run."""
+    names: list[str] = []
+    for r in runs:
+        block = r.final.get("eval_generate") or {}
+        names += [k for k, v in block.items() if k != "all" and "score" in v and k not in names]
+    return names
+
+
+GEN_COLUMNS = (("gen_score", "score"), ("gen_stops", "stops"), ("gen_think_ok_think", "think_ok/think"))
+GEN_COLUMNS += (("gen_think_ok_no_think", "think_ok/no_think"), ("gen_role_leak", "role_leak"))
+
+
 def best_run(runs: list[RunRecord], objective: str) -> RunRecord | None:
-    scored = [r for r in runs if r.eval_after(objective) is not None and math.isfinite(r.eval_after(objective))]
-    return min(scored, key=lambda r: r.eval_after(objective)) if scored else None  # type: ignore[arg-type,return-value]
+    """The run with the lowest eval loss, or the best generation metric in its direction."""
+    scored = [r for r in runs if r.objective(objective) is not None and math.isfinite(r.objective(objective))]
+    if not scored:
+        return None
+    if objective.startswith("gen/"):
+        from sft_exp.eval.scorers import metric_direction
+
+        if metric_direction(objective.split("/", 2)[-1]) == "maximize":
+            return max(scored, key=lambda r: r.objective(objective))  # type: ignore[arg-type,return-value]
+    return min(scored, key=lambda r: r.objective(objective))  # type: ignore[arg-type,return-value]
 
 
 def table(runs: list[RunRecord], keys: list[str], objective: str) -> tuple[list[str], list[list[Any]]]:
@@ -292,7 +334,12 @@ def table(runs: list[RunRecord], keys: list[str], objective: str) -> tuple[list[
     sources = sources_of(runs)
     best = best_run(runs, objective)
     header = ["run", *[short_key(k) for k in keys], "status", "steps", "train_loss", "eval_all"]
-    header += [f"eval_{s}" for s in sources] + ["tokens_per_s", "wall_s", "best"]
+    header += [f"eval_{s}" for s in sources]
+    gen_sources = gen_sources_of(runs)
+    has_gen = any(r.final.get("eval_generate") for r in runs)
+    if has_gen:
+        header += [c for c, _ in GEN_COLUMNS] + [f"gen_{s}" for s in gen_sources]
+    header += ["tokens_per_s", "wall_s", "best"]
     rows = []
     for r in runs:
         f = r.final
@@ -305,6 +352,7 @@ def table(runs: list[RunRecord], keys: list[str], objective: str) -> tuple[list[
                 (f.get("train_loss_last") or {}).get("all"),
                 r.eval_after("all"),
                 *[r.eval_after(s) for s in sources],
+                *([r.gen("all", m) for _, m in GEN_COLUMNS] + [r.gen(s) for s in gen_sources] if has_gen else []),
                 f.get("train_tokens_per_second"),
                 f.get("wall_seconds"),
                 "*" if r is best else "",
@@ -498,12 +546,81 @@ def plot_vs_key(runs: list[RunRecord], keys: list[str], key: str, objective: str
 
 
 # ------------------------------------------------------------------------------------------------------ report
+def plot_gen_vs_key(runs: list[RunRecord], key: str, title: str, out: Path) -> Path | None:
+    """Generation metrics after training against one swept value: the mixture-level ones (main score averaged over
+    sources, stops, think_ok per mode, role_leak) and each source's main score; a point per run, the mean per value
+    joined by a line. None when no run has generation metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in runs if r.final.get("eval_generate")]
+    if not done:
+        return None
+    values = [r.swept.get(key) for r in done]
+    numeric = _numeric(values)
+    cats = sorted({str(v) for v in values}) if not numeric else []
+
+    def x_of(r: RunRecord) -> float:
+        v = r.swept.get(key)
+        return float(v) if numeric else float(cats.index(str(v)))
+
+    def draw(ax: Any, get: Any, label: str) -> None:
+        by_x: dict[float, list[float]] = {}
+        for r in done:
+            v = get(r)
+            if v is not None:
+                by_x.setdefault(x_of(r), []).append(v)
+        if not by_x:
+            return
+        xs = sorted(by_x)
+        line = ax.plot(xs, [sum(by_x[x]) / len(by_x[x]) for x in xs], marker="o", lw=1.2, label=label)[0]
+        pts = [(x, v) for x in xs for v in by_x[x]]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, color=line.get_color(), alpha=0.5)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+    for _column, metric in GEN_COLUMNS:
+        draw(ax1, lambda r, m=metric: r.gen("all", m), metric)
+    for src in gen_sources_of(done):
+        draw(ax2, lambda r, s=src: r.gen(s, "score"), src)
+    span = sorted({float(v) for v in values if v is not None}) if numeric else []
+    log_x = bool(span) and span[0] > 0 and (max(span) / span[0] >= 20 or "learning_rate" in key)
+    for ax in (ax1, ax2):
+        ax.set_xlabel(axis_label(key) + (" (log scale)" if log_x else ""))
+        ax.set_ylabel("fraction of generated turns (role_leak: lower is better)")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        if log_x:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(range(len(cats)), cats)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    ax1.set_title("Generation after training, all sources (score: mean of each source's main score)")
+    ax2.set_title("Main score per source (its scorer's metric)")
+    fig.suptitle(f"Generation metrics vs {key}: {title}", fontsize=13)
+    path = out / f"final_gen_vs_{_safe(key)}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _shown(path: str, out: Path) -> str:
     """A run's path as compare.md shows it: relative to the report when the run lies beneath it."""
     try:
         return str(Path(path).resolve().relative_to(out.resolve()))
     except ValueError:
         return path
+
+
+def _objective_words(objective: str) -> str:
+    if objective.startswith("gen/"):
+        from sft_exp.eval.scorers import metric_direction
+
+        return f"generation metric `{objective}` after training ({metric_direction(objective.split('/', 2)[-1])}d)"
+    where = "all sources (trained-token weighted)" if objective == "all" else f"source `{objective}`"
+    return f"eval loss after training, {where}"
 
 
 def write_report(
@@ -521,17 +638,23 @@ def write_report(
     images: list[Path] = []
     if plots and runs:
         images.append(plot_curves(runs, objective, title, out))
+        loss_objective = "all" if objective.startswith("gen/") else objective
         for k in keys:
-            if any(r.eval_after(objective) is not None for r in runs):
-                images.append(plot_vs_key(runs, keys, k, objective, title, out))
+            if any(r.eval_after(loss_objective) is not None for r in runs):
+                images.append(plot_vs_key(runs, keys, k, loss_objective, title, out))
+            gen_plot = plot_gen_vs_key(runs, k, title, out)
+            if gen_plot is not None:
+                images.append(gen_plot)
     best = best_run(runs, objective)
     md = [
         f"# Comparison: {title}",
         "",
-        f"{len(runs)} runs; swept: {', '.join(f'`{k}`' for k in keys) or 'nothing'}; objective: eval loss after "
-        f"training, {'all sources (trained-token weighted)' if objective == 'all' else f'source `{objective}`'}.",
+        f"{len(runs)} runs; swept: {', '.join(f'`{k}`' for k in keys) or 'nothing'}; objective: "
+        + _objective_words(objective)
+        + ".",
         "",
-        f"Best: **{best.label}** ({objective} eval loss {best.eval_after(objective):.4f}, `{_shown(best.path, out)}`)"
+        f"Best: **{best.label}** ({objective} {'' if objective.startswith('gen/') else 'eval loss '}"
+        f"{best.objective(objective):.4f}, `{_shown(best.path, out)}`)"
         if best
         else "No run has finished with an eval loss yet.",
         "",
@@ -557,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("paths", nargs="*", type=Path, help="sweep directories and/or run directories")
     ap.add_argument("--out", type=Path, help="where compare.md/.csv and the PNGs go (default: the sweep directory "
                     "when one is given, else ./compare)")  # fmt: skip
-    ap.add_argument("--objective", default="all", help="eval loss that picks the best run: all or a source name")
+    ap.add_argument("--objective", default="all", help="picks the best run: eval loss of all or a source name, or a "
+                    "generation metric gen/<source or all>/<metric> (e.g. gen/all/score)")  # fmt: skip
     ap.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B's API instead of directories")
     ap.add_argument("--group", help="with --wandb: only this group (a sweep: <date>/<time> of its directory)")
     ap.add_argument("--no-plots", action="store_true")
@@ -573,12 +697,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no runs found", file=sys.stderr)
         return 2
     names = sources_of(runs)
-    if a.objective != "all" and a.objective not in names:
+    if a.objective != "all" and a.objective not in names and not a.objective.startswith("gen/"):
         print(f"error: --objective {a.objective} is neither 'all' nor a source ({', '.join(names)})", file=sys.stderr)
         return 2
     out = a.out or (a.paths[0] if len(a.paths) == 1 and (a.paths[0] / INDEX).exists() else Path("compare"))
     header, rows = table(runs, keys, a.objective)
-    print(f"{title}: {len(runs)} runs, objective eval_loss_after.{a.objective} (* = best)")
+    shown = a.objective if a.objective.startswith("gen/") else f"eval_loss_after.{a.objective}"
+    print(f"{title}: {len(runs)} runs, objective {shown} (* = best)")
     print(format_text(header, rows))
     written = write_report(runs, keys, a.objective, title, out, plots=not a.no_plots)
     print("\nwrote " + ", ".join(str(p) for p in written.values()))

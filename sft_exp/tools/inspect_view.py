@@ -27,6 +27,11 @@ from typing import Any
 import numpy as np
 
 from sft_exp.config import RunConfig
+from sft_exp.data.pipeline import packing_choice
+from sft_exp.data.sources import load_source, row_problem
+from sft_exp.data.template import RenderSpec, encode_conversations, row_kwargs
+from sft_exp.data.template_check import check_template
+from sft_exp.train.model import build_tokenizer
 
 OPEN, CLOSE, CUT = "⟦", "⟧", "✂"
 GREEN, DIM, RESET = "\x1b[1;32m", "\x1b[2m", "\x1b[0m"
@@ -94,10 +99,6 @@ def _think_mode(messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
 
 def collect(run: RunConfig, tokenizer: Any, names: list[str]) -> list[ShownRow]:
     """The first inspect.n valid rows of each source, through the data stage's render + tokenise + mask."""
-    from sft_exp.data.pipeline import packing_choice
-    from sft_exp.data.sources import load_source, row_problem
-    from sft_exp.data.template import RenderSpec, encode_conversations, row_kwargs
-
     spec = RenderSpec.build(run.template, tokenizer)
     cut_at = run.packing.max_length if packing_choice(run)[1] == "truncate" else None
     shown = []
@@ -178,10 +179,6 @@ def format_html(rows: list[ShownRow], title: str, notes: list[str]) -> str:
 
 def run_inspect(run: RunConfig, run_dir: Path) -> dict[str, Any]:
     """The inspect stage: print the highlighted rows, write inspect.html, return a summary."""
-    from sft_exp.data.template import RenderSpec
-    from sft_exp.data.template_check import check_template
-    from sft_exp.train.model import build_tokenizer
-
     tokenizer = build_tokenizer(run)
     names = [run.inspect.source] if run.inspect.source else sorted(run.mixture.sources)
     spec = RenderSpec.build(run.template, tokenizer)

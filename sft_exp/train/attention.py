@@ -19,6 +19,10 @@ import inspect
 import weakref
 from typing import Any
 
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
 from sft_exp.config.preflight import VARLEN as NAME
 from sft_exp.config.preflight import varlen_available
 
@@ -33,8 +37,6 @@ def cu_seqlens_from_position_ids(position_ids: Any) -> tuple[Any, int]:
 
     A sequence starts wherever position_ids is 0 (and at index 0, whatever its value, as a continuation).
     """
-    import torch
-
     pos = position_ids.reshape(-1)
     total = pos.numel()
     starts = torch.nonzero(pos == 0, as_tuple=False).reshape(-1)
@@ -66,13 +68,12 @@ def varlen_attention_forward(
     **kwargs: Any,
 ) -> tuple[Any, None]:
     """transformers attention function: q/k/v [batch, heads, L, head_dim] -> ([batch, L, heads, head_dim], None)."""
-    import torch
     from torch.nn.attention.varlen import varlen_attn
 
     if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
         raise ValueError(
             "attn_implementation=varlen takes packed rows without padding (position_ids restarting per sequence); "
-            "this batch has a padding mask. Use packing (packing.enabled=true) or attn_implementation=sdpa"
+            "this batch has a padding mask. Use packing (packing=ffd, not packing=none) or attn_implementation=sdpa"
         )
     if dropout:
         raise ValueError("attn_implementation=varlen has no attention dropout; set the model's attention_dropout=0")
@@ -108,8 +109,6 @@ def register() -> None:
     """Make `attn_implementation="varlen"` known to transformers (idempotent; a no-op where torch lacks the kernel)."""
     if not available():
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
     AttentionInterface.register(NAME, varlen_attention_forward)
     # No 4D mask: like flash attention, the kernel takes the boundaries, not a mask.

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from sft_exp.compat import accelerate_enable_fsdp
 from sft_exp.config import ConfigError, DistBackend, DistStrategy, RunConfig
 from sft_exp.ranks import world_size
 
@@ -52,7 +53,6 @@ def enable_fsdp_on_cpu(accelerator: Any, plugin_args: dict[str, Any]) -> bool:
     fully_shard itself runs on a CPU mesh over gloo, and everything after this (accelerate's fsdp2_prepare_model,
     sharded checkpoints through torch.distributed.checkpoint, the gathered final save) is the code path GPUs take.
     Returns True once the state says FSDP."""
-    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = accelerator.state
@@ -66,8 +66,5 @@ def enable_fsdp_on_cpu(accelerator: Any, plugin_args: dict[str, Any]) -> bool:
         raise ConfigError("distributed.fsdp.version: only FSDP2 (version: 2) runs on CPU ranks. Use version: 2")
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
-    # The same two writes AcceleratorState.__init__ makes when it accepts the plugin on a GPU.
-    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
-    AcceleratorState._shared_state["fsdp_plugin"] = plugin
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerate_enable_fsdp(plugin)
     return accelerator.distributed_type == DistributedType.FSDP and accelerator.is_fsdp2

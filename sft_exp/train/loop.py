@@ -1,4 +1,5 @@
-"""The training stage: SFTTrainer on the packed rows, eval before and after per source, final save, metrics.
+"""The training stage: SFTTrainer on the packed rows, eval before and after per source (loss, and generation with
+eval.generate), final save, metrics.
 
 Data arrives already tokenised, masked and packed (sft_exp.data.pipeline), so TRL's dataset preparation is skipped
 (`skip_prepare_dataset`) and TRL's packing is off; sft_exp.train.collator turns the assistant mask into labels.
@@ -17,8 +18,10 @@ import torch
 from transformers import Trainer
 
 from sft_exp.checkpoints import save_guard
+from sft_exp.compat import trainer_save, trainer_tokens_seen
 from sft_exp.config import RunConfig
 from sft_exp.errors import Interrupted
+from sft_exp.eval.hooks import GenerationInRun
 from sft_exp.io import read_json, write_json
 from sft_exp.ranks import is_main_process
 from sft_exp.rundir import RunDir
@@ -80,7 +83,7 @@ def _train_losses(history: list[dict[str, Any]], names: list[str], which: int) -
     return out
 
 
-def _mean_train_loss(history: list[dict[str, Any]], fallback: float) -> float:
+def mean_train_loss(history: list[dict[str, Any]], fallback: float) -> float:
     """Mean training loss over every step of the run, from the logged losses (each the mean of its logging window),
     so that a resumed run reports the whole run as the uninterrupted one does; the Trainer's own figure covers only
     the steps of this process (0.0 when a resume had nothing left to train)."""
@@ -122,7 +125,7 @@ def save_final_model(trainer: Any, out: str) -> None:
         # The gathered copies no longer share storage, so save_pretrained would write tied weights twice (the
         # embedding again as lm_head): leave out the targets the model ties (from_pretrained re-ties them).
         tied = getattr(trainer.accelerator.unwrap_model(trainer.model), "all_tied_weights_keys", None) or {}
-        trainer._save(out, state_dict={k: v for k, v in state.items() if k not in tied})
+        trainer_save(trainer, out, {k: v for k, v in state.items() if k not in tied})
     else:
         trainer.save_model(out)
 
@@ -143,10 +146,14 @@ def run_training(
     states). Raises sft_exp.errors.Interrupted when a stop signal ended training (a checkpoint was saved).
     """
     args = args or build_sft_config(run, str(run_dir))
+    # eval.generate: the held-out prompts are built now, so a source without enough held-out rows stops the run
+    # before training (sft_exp.eval.hooks); None when generation eval is off.
+    gen = GenerationInRun.create(run, tokenizer, Path(run_dir), tracker, resume_from)
+    gen_callback = gen.callback() if gen is not None else None
     # peft=lora|qlora: a LoraConfig TRL wraps the model with (None: full fine-tuning); see sft_exp.train.peft.
     adapter = peft.setup(run, model, tokenizer, run_dir)
     stopper = StopOnSignal()
-    padding_free = run.packing.enabled and run.packing.strategy.value != "none"
+    padding_free = run.packing.strategy.value != "none"
     flops_window: dict[str, float] = {}  # the trainer's attention FLOP count, read by the tracking callback's MFU
     trainer = SourceAwareSFTTrainer(
         model=model,
@@ -164,7 +171,8 @@ def run_training(
             [TrackingCallback(tracker, peak_tflops(run.tracking.peak_tflops), flops_window)]
             if tracker is not None and tracker.backend != "none"
             else []
-        ),
+        )
+        + ([gen_callback] if gen_callback is not None else []),
     )
     parameters = adapter.attach(trainer)  # prints trainable / total parameters
     has_eval = bool(data.eval)
@@ -174,6 +182,8 @@ def run_training(
     def eval_before() -> None:
         with rng_preserved():  # see rng_preserved: a resumed run, which skips this eval, must train the same
             before.update(_eval_losses(trainer, data.eval_trained_tokens))
+            if gen is not None:  # eval_before_train covers generation too; a failing scorer stops the run here
+                gen.before_training(trainer.model)
         if before and is_main_process():
             write_json(before_file, before)
 
@@ -190,25 +200,27 @@ def run_training(
         save_final_model(trainer, str(run_dir))
         trainer.save_state()
         peft_info = adapter.finish(trainer, tokenizer)  # peft.merge=true: <run_dir>/merged/
+    # After the save: whatever fails here leaves the model, and metrics.json carries the error (raised after it).
+    generation = gen.end(trainer.model, int(trainer.state.global_step)) if gen is not None else {}
 
     history = trainer.state.log_history
     acc = trainer.accelerator  # counted per rank; summed over ranks here
     by_source = acc.reduce(trainer.trained_tokens_by_source.to(acc.device), reduction="sum").cpu()
     runtime = float(result.metrics.get("train_runtime", 0.0)) or 1e-9
-    seen = int(getattr(trainer, "_total_train_tokens", 0))
+    seen = trainer_tokens_seen(trainer)
     return {
         "train_loss_first": _train_losses(history, data.source_names, 0),
         "train_loss_last": _train_losses(history, data.source_names, -1),
         "eval_loss_before": before,
         "eval_loss_after": after,
-        "train_loss_mean": round(_mean_train_loss(history, float(result.training_loss)), 6),
+        "train_loss_mean": round(mean_train_loss(history, float(result.training_loss)), 6),
         "global_steps": int(trainer.state.global_step),
         "train_runtime_seconds": round(runtime, 2),
         "train_tokens_seen": seen,
         "train_tokens_per_second": round(seen / runtime, 1),
         "trained_tokens": int(by_source.sum()),
         "trained_tokens_per_source": {n: int(v) for n, v in zip(data.source_names, by_source.tolist())},
-        "packing_efficiency": data.stats["packing"]["efficiency"],
+        "packing_efficiency": data.stats.efficiency,
         # After a resume the token counts cover the resumed steps only (the Trainer's own
         # accounting); the loss history in trainer_state.json is complete.
         "resumed_from": Path(resume_from).name if resume_from is not None else None,
@@ -217,4 +229,5 @@ def run_training(
         "eval_trained_tokens": {k: int(v) for k, v in data.eval_trained_tokens.items()},
         **parameters,
         **peft_info,
+        **generation,
     }

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
 
 from sft_exp.config import ModelInit, PeftMethod, RunConfig
 from sft_exp.data.template import GENERATION_RE, read_template
 from sft_exp.errors import TemplateError
+from sft_exp.train.attention import register
 
 
 def build_tokenizer(run: RunConfig) -> Any:
     """AutoTokenizer.from_pretrained(model.name_or_path), with the configured chat template and end-of-turn token."""
-    import re
-
-    from transformers import AutoTokenizer
-
     m, t = run.model, run.template
     tok = AutoTokenizer.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
     template = read_template(t.chat_template)
@@ -43,11 +44,6 @@ def build_tokenizer(run: RunConfig) -> Any:
 
 def build_model(run: RunConfig, tokenizer: Any) -> Any:
     """from_pretrained for real checkpoints; from_config (seeded) for model.init=random smoke tests."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
-
-    from sft_exp.train.attention import register
-
     register()  # attn_implementation=varlen
     m = run.model
     dtype = getattr(torch, m.dtype.value)
@@ -82,8 +78,6 @@ def quantization_kwargs(run: RunConfig) -> dict[str, Any]:
     """from_pretrained kwargs for peft=qlora: a bitsandbytes 4-bit base placed whole on this rank's GPU."""
     if run.peft.method != PeftMethod.qlora:
         return {}
-    import torch
-    from transformers import BitsAndBytesConfig
 
     dtype = getattr(torch, run.model.dtype.value)
     # One full copy of the base per rank (DDP): the GPU of this local rank, or the only one a launcher left visible.

@@ -23,8 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sft_exp.config import ConfigError, PeftMethod, RunConfig
-from sft_exp.train.model import count_parameters
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+from sft_exp.compat import without_zero3_init
+from sft_exp.config import ConfigError, ModelInit, PeftMethod, RunConfig
+from sft_exp.ranks import is_main_process
+from sft_exp.train.model import align_with_tokenizer, count_parameters
 
 # Architectures whose linear layers carry llama's names; LoRA goes on all seven projections of every block (the
 # QLoRA paper's finding: adapters on every linear layer match full fine-tuning, attention-only ones do not).
@@ -86,18 +92,14 @@ def build_peft_config(run: RunConfig, model: Any) -> Any:
 
 
 def _is_main_process() -> bool:
-    from sft_exp.ranks import is_main_process
 
     return is_main_process()
 
 
 def _base_reloadable(run: RunConfig, model: Any) -> bool:
     """True when model.name_or_path(+revision) gives back exactly the frozen base the adapter was trained on."""
-    from sft_exp.config import ModelInit
-
     if run.model.init == ModelInit.random:
         return False
-    from transformers import AutoConfig
 
     m = run.model
     cfg = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
@@ -204,8 +206,6 @@ def setup(run: RunConfig, model: Any, tokenizer: Any, run_dir: Any) -> AdapterRu
 @contextmanager
 def _gathered(model: Any) -> Iterator[None]:
     """Whole parameters inside the block when DeepSpeed ZeRO-3 partitioned them (a collective: all ranks enter)."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
     if not is_deepspeed_zero3_enabled():
         yield
         return
@@ -215,33 +215,15 @@ def _gathered(model: Any) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def _plain_loading() -> Iterator[None]:
-    """from_pretrained without ZeRO-3's partitioned init, which stays on in a process that built a ZeRO-3 trainer
-    (rank 0 alone reloads the base to merge: a partitioned load there would wait for the other ranks forever)."""
-    from transformers.integrations import deepspeed as ds
-
-    saved = ds._hf_deepspeed_config_weak_ref
-    ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        ds._hf_deepspeed_config_weak_ref = saved
-
-
 def save_merged(run: RunConfig, run_dir: Path, base_ref: Any, revision: str | None, tokenizer: Any) -> Path:
     """Reload the base in model.dtype (never 4-bit), fold the saved adapter in, write <run_dir>/merged/.
 
     Merging from the files rather than the in-memory model also proves the saved adapter loads, and for qlora
     merges into full-precision weights instead of re-quantising."""
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from sft_exp.train.model import align_with_tokenizer
 
     m = run.model
-    with _plain_loading():
+    with without_zero3_init():
         base = AutoModelForCausalLM.from_pretrained(
             base_ref, revision=revision, dtype=getattr(torch, m.dtype.value), trust_remote_code=m.trust_remote_code
         )

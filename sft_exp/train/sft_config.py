@@ -58,8 +58,8 @@ def build_sft_config(run: RunConfig, output_dir: str) -> SFTConfig:
 
     Example:
         >>> from sft_exp.config import RunConfig
-        >>> build_sft_config(RunConfig(), "/tmp/run").learning_rate
-        0.001
+        >>> build_sft_config(RunConfig(), "/tmp/run").learning_rate  # the schema default
+        2e-05
     """
     t = run.train
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -72,7 +72,7 @@ def build_sft_config(run: RunConfig, output_dir: str) -> SFTConfig:
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        lr_scheduler_type=t.lr_scheduler_type,
+        lr_scheduler_type=t.lr_scheduler_type.value,
         lr_scheduler_kwargs=dict(t.lr_scheduler_kwargs),
         # transformers 5 dropped warmup_ratio: a float in [0, 1) given as warmup_steps is read as that ratio.
         warmup_steps=t.warmup_ratio,
@@ -82,14 +82,14 @@ def build_sft_config(run: RunConfig, output_dir: str) -> SFTConfig:
         data_seed=t.seed,
         bf16=t.bf16,
         **{_trainer_name("gradient_checkpointing", fields): t.gradient_checkpointing},
-        save_strategy=t.save_strategy,
+        save_strategy=t.save_strategy.value,
         save_steps=t.save_steps,
         # sft_exp.checkpoints rotates instead (train.save_total_limit): the Trainer's rotation counts half-written
         # checkpoints and runs before a checkpoint is marked complete.
         save_total_limit=None,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        eval_strategy=t.eval_strategy,
+        eval_strategy=t.eval_strategy.value,
         eval_steps=t.eval_steps,
         use_liger_kernel=t.use_liger_kernel,
         report_to=list(t.report_to),

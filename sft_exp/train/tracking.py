@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_exp.config import RunConfig, TrackingBackend, secret_env_values
+from sft_exp.data.stats import MIXTURE_COLUMNS, mixture_rows, resolved_mixture
 from sft_exp.io import read_json
 from sft_exp.rundir import RunDir
 
@@ -90,34 +91,6 @@ def flat_config(run: RunConfig, run_dir: Path, stats: dict[str, Any] | None = No
     return redact(flat)
 
 
-def resolved_mixture(stats: dict[str, Any]) -> dict[str, Any]:
-    """mixture.share.<source> (share of trained tokens), rows and epochs per source, packing efficiency."""
-    sources = stats.get("sources", {})
-    trained = sum(s.get("trained_tokens", 0) for s in sources.values()) or 1
-    out: dict[str, Any] = {}
-    for name, s in sources.items():
-        out[f"mixture.share.{name}"] = round(s.get("trained_tokens", 0) / trained, 6)
-        out[f"mixture.rows.{name}"] = s.get("rows")
-        out[f"mixture.epochs.{name}"] = s.get("epochs")
-    if "packing" in stats:
-        out["packing.efficiency"] = stats["packing"].get("efficiency")
-        out["packing.rows"] = stats["packing"].get("bins")
-    return out
-
-
-MIXTURE_COLUMNS = ["source", "weight", "share", "rows", "epochs", "tokens", "trained_tokens", "think_share"]
-MIXTURE_COLUMNS += ["mean_length", "p95_length", "max_length", "rows_heldout"]
-
-
-def mixture_rows(stats: dict[str, Any]) -> list[list[Any]]:
-    shares = resolved_mixture(stats)
-    rows = []
-    for name, s in stats.get("sources", {}).items():
-        row = {**s, "source": name, "share": shares.get(f"mixture.share.{name}")}
-        rows.append([row.get(c) for c in MIXTURE_COLUMNS])
-    return rows
-
-
 # Per-source eval timings the Trainer logs for every eval set: clutter in a tracker, dropped.
 EVAL_NOISE = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time", "_num_tokens")
 
@@ -151,7 +124,29 @@ def final_summary(metrics: dict[str, Any]) -> dict[str, Any]:
             out[f"final/{key.removeprefix('train_')}"] = metrics[key]
     if "packing_efficiency" in metrics:
         out["packing/efficiency"] = metrics["packing_efficiency"]
+    # eval.generate: final/gen/<source or all>/<metric>[/<mode>] after training, final/gen_before/... before it
+    for key, name in (("eval_generate", "gen"), ("eval_generate_before", "gen_before")):
+        for src, values in (metrics.get(key) or {}).items():
+            for metric, v in values.items():
+                out[f"final/{name}/{src}/{metric}"] = v
     return out
+
+
+GENERATION_COLUMNS = ["label", "step", "source", "row", "turn", "mode", "prompt", "reference", "generation"]
+GENERATION_COLUMNS += ["stopped", "score", "think_ok"]
+
+
+def generation_rows(results: dict[str, Any]) -> list[list[Any]]:
+    """The samples of a generation eval (sft_exp.eval.generate) as table rows; the prompt is its last message."""
+    rows = []
+    for name, src in results.get("sources", {}).items():
+        for s in src.get("samples", []):
+            last = s["prompt"][-1]["content"] if s["prompt"] else ""
+            rows.append(
+                [results.get("label"), results.get("step"), name, s["row"], s["turn"], s["mode"], last]
+                + [s["reference"], s["generation"], s["stopped"], s["scores"].get("score"), s["scores"]["think_ok"]]
+            )
+    return rows
 
 
 def peak_tflops(configured: float | None) -> float | None:
@@ -190,6 +185,9 @@ class Tracker:
     def log_mixture(self, stats: dict[str, Any]) -> None: ...
 
     def summary(self, values: dict[str, Any]) -> None: ...
+
+    def log_generations(self, results: dict[str, Any], step: int) -> None:
+        """The samples of a generation eval (prompt, reference, generation, scores) as a table."""
 
     def finish(self, metrics: dict[str, Any] | None = None, exit_code: int = 0) -> None: ...
 
@@ -249,6 +247,10 @@ class WandbTracker(Tracker):
         for k, v in values.items():
             self.run.summary[k] = v
 
+    def log_generations(self, results: dict[str, Any], step: int) -> None:
+        table = self.wandb.Table(columns=GENERATION_COLUMNS, data=generation_rows(results))
+        self.run.log({f"gen/samples_{results.get('label')}": table, "train/global_step": step})
+
     def finish(self, metrics: dict[str, Any] | None = None, exit_code: int = 0) -> None:
         if metrics:
             self.summary(final_summary(metrics))
@@ -279,6 +281,14 @@ class TensorBoardTracker(Tracker):
         self.writer.add_text("mixture", head + body, 0)
         if "packing" in stats:
             self.writer.add_scalar("packing/efficiency", stats["packing"].get("efficiency", 0.0), 0)
+
+    def log_generations(self, results: dict[str, Any], step: int) -> None:
+        def cell(x: Any) -> str:
+            return str(x).replace("|", "\\|").replace("\n", "<br>")
+
+        head = "| " + " | ".join(GENERATION_COLUMNS) + " |\n|" + "---|" * len(GENERATION_COLUMNS) + "\n"
+        body = "\n".join("| " + " | ".join(cell(x) for x in r) + " |" for r in generation_rows(results))
+        self.writer.add_text("gen/samples", head + body, step)
 
     def summary(self, values: dict[str, Any]) -> None:
         self.final.update({k: v for k, v in values.items() if isinstance(v, (int, float))})

@@ -14,6 +14,7 @@ import torch
 from trl import SFTTrainer
 
 from sft_exp.checkpoints import save_guard
+from sft_exp.compat import trainer_output_dir, trl_eval_metrics
 from sft_exp.train.collator import attention_pairs
 from sft_exp.train.distributed import enable_fsdp_on_cpu
 
@@ -52,7 +53,7 @@ class SourceAwareSFTTrainer(SFTTrainer):
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         # A failed write (disk full, permissions, ...) stops the run with SaveFailed; the folder gets no marker.
-        out = Path(self._get_output_dir(trial=trial))
+        out = Path(trainer_output_dir(self, trial))
         ckpt = out / f"checkpoint-{self.state.global_step}"
         with save_guard(f"{ckpt.name} save", ckpt, out):
             super()._save_checkpoint(model, trial)
@@ -124,7 +125,7 @@ class SourceAwareSFTTrainer(SFTTrainer):
         if not self.model.training and self._eval_prefix and self._eval_prefix != "eval":
             # TRL logs its eval extras (entropy, token accuracy) without the dataset name; add it.
             name = self._eval_prefix.removeprefix("eval_")
-            m = self._metrics["eval"]
+            m = trl_eval_metrics(self)
             for key in [k for k in m if not k.startswith(f"{name}_")]:
                 m[f"{name}_{key}"] = m.pop(key)
         super().log(logs, start_time)
