@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 import sys
 import time
@@ -31,7 +32,7 @@ from sft_exp.config.frozen import freeze
 from sft_exp.config.hydra_glue import register_configs
 from sft_exp.config.keys import check_known_keys
 from sft_exp.errors import ConfigError, SftExpError, exit_code_of
-from sft_exp.io import write_json
+from sft_exp.io import read_json, write_json
 from sft_exp.rundir import RunDir, check_fresh
 
 register_configs()
@@ -72,18 +73,25 @@ def fail(e: BaseException, code: int) -> NoReturn:
 
 
 def discard_refused_run_dir(run_dir: Path) -> None:
-    """A refused command leaves nothing behind: Hydra made the run directory (.hydra/, launch.log) before any of our
-    checks ran. Removed only while it holds nothing else, with the date folders it leaves empty."""
-    if not run_dir.is_dir() or RunDir(run_dir).is_run() or {p.name for p in run_dir.iterdir()} - HYDRA_FILES:
+    """A refused command leaves nothing behind: Hydra made the run directory (.hydra/) before any of our checks ran,
+    and a data or template error found while preparing comes after the config was frozen there. Removed only while
+    it holds nothing but those files (no checkpoint, no model, nothing of a resumed run), with the date folders it
+    leaves empty."""
+    if not run_dir.is_dir() or any(p.name not in REFUSED_RUN_FILES for p in run_dir.iterdir()):
+        return
+    if len(read_json(RunDir(run_dir).attempts) or []) > 1:  # a resumed run: its directory is not this command's
         return
     logging.shutdown()  # Hydra's handler holds launch.log open
     shutil.rmtree(run_dir, ignore_errors=True)
-    for parent in list(run_dir.parents)[:3]:  # outputs/runs/<date>/<time>: <date>, runs and outputs when now empty
-        with contextlib.suppress(OSError):
-            parent.rmdir()
+    for parent in list(run_dir.parents)[:3]:  # the default outputs/runs/<date>/<time>: the folders left empty
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}|runs|outputs", parent.name):
+            with contextlib.suppress(OSError):
+                parent.rmdir()
 
 
-HYDRA_FILES = {".hydra", "launch.log"}
+# What a new run has written when a config, data or template error stops it before training.
+REFUSED_RUN_FILES = {".hydra", "launch.log", "train.log", "run_config.yaml", "run_info.json", "lock.json"}
+REFUSED_RUN_FILES |= {"attempts.json", "mixture_stats.json", "logs", "sweep_job.json", "tracking.json"}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

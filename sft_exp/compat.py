@@ -71,3 +71,11 @@ def trainer_save(trainer: Any, out: str, state_dict: dict[str, Any]) -> None:
 def trl_eval_metrics(trainer: Any) -> dict[str, Any]:
     """The eval extras TRL accumulates (entropy, token accuracy) before logging them (TRL 1.16: SFTTrainer._metrics)."""
     return trainer._metrics["eval"]
+
+
+def reset_accelerate_state() -> None:
+    """Forget the process state accelerate set up when a TrainingArguments was built (accelerate 1.15:
+    AcceleratorState._reset_state, which the library's own tests use), so a later Trainer sets it up afresh."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

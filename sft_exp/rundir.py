@@ -37,6 +37,8 @@ class RunDir:
     sweep_job = property(lambda self: self.path / "sweep_job.json")  # its sweep, name and swept values
     tracking_state = property(lambda self: self.path / "tracking.json")  # the W&B run id a resumed run continues
     inspect_html = property(lambda self: self.path / "inspect.html")
+    console_log = property(lambda self: self.path / "train.log")  # the whole console output of rank 0
+    eval_generate = property(lambda self: self.path / "eval_generate.json")
     logs = property(lambda self: self.path / "logs")
 
     def rank_log(self, rank: int) -> Path:

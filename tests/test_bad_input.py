@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sft_exp.config import ASSETS
 from tests.conftest import launch
 
 pytestmark = pytest.mark.slow
@@ -16,29 +17,44 @@ pytestmark = pytest.mark.slow
 NO_MARKERS = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 ALL_ZERO = [f"mixture.sources.{n}.weight=0" for n in ("arith", "count", "reverse", "sort", "tools", "units")]
 
+# case -> (overrides, what the `error:` line must contain: the key it names and the gist). Every case: exit 2, one
+# `error:` line on stderr, no traceback, and no run directory left behind (nothing of a finished one touched).
 CASES = {
-    "unknown key": (["model.foo=1"], "Key 'foo' not in 'ModelConfig'"),
-    "wrong type": (["train.max_steps=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
-    "invalid choice": (["packing=best"], "Could not find 'packing/best'"),
+    # composition: Hydra's own errors, translated (sft_exp.config.compose_errors)
+    "unknown key": (["model.foo=1"], "model.foo: Key 'foo' not in 'ModelConfig'"),
+    "unknown key added with +": (["+train.lerning_rate=1e-3"], "train.lerning_rate: not a key of the train config"),
+    "unknown source key added with +": (["+mixture.sources.arith.wieght=2"], "Did you mean weight"),
+    "unknown top-level key": (["+typo=3"], "typo: not a key of the run config"),
+    "wrong type": (["train.max_steps=abc"], "train.max_steps: Value 'abc' of type 'str' could not be converted"),
+    "invalid choice": (["packing=best"], "packing: In 'config': Could not find 'packing/best'"),
+    "unknown group": (["nosuchgroup=x"], "nosuchgroup: Key 'nosuchgroup' not in 'RunConfig'"),
+    "override syntax": (["mixture.sources.arith.weight=[1"], "Check the override's syntax"),
+    "scheduler typo": (["train.lr_scheduler_type=cosin"], "train.lr_scheduler_type: Invalid value 'cosin'"),
+    "save strategy typo": (["train.save_strategy=sometimes"], "train.save_strategy: Invalid value 'sometimes'"),
+    "eval strategy typo": (["train.eval_strategy=always"], "train.eval_strategy: Invalid value 'always'"),
+    "dtype typo": (["model.dtype=float8"], "model.dtype: Invalid value 'float8'"),
+    "attention that would cross packed sequences": (
+        ["model.attn_implementation=paged_attention"],
+        "model.attn_implementation: Invalid value 'paged_attention', expected one of [sdpa, eager",
+    ),
+    # validation: the schema's cross-field and range checks
     "negative weight": (["mixture.sources.arith.weight=-1"], "mixture.sources.arith.weight: must be a number >= 0"),
     "nan weight": (["mixture.sources.arith.weight=nan"], "mixture.sources.arith.weight: must be a number >= 0"),
     "all weights zero": (ALL_ZERO, "every weight is 0"),
     "missing local file": (["mixture.sources.arith.path=/nope/x.jsonl"], "'/nope/x.jsonl' does not exist"),
-    "unknown hub dataset": (
-        ["mixture.sources.arith.path=null", "mixture.sources.arith.id=nobody/no-such-dataset"],
-        "mixture.sources.arith: could not load nobody/no-such-dataset",
-    ),
-    "unknown split of local files": (["mixture.sources.arith.split=validation"], "split: 'validation' for local files"),
-    "columns differ": (["mixture.sources.arith.columns=[messages]"], "columns differ across sources"),
-    "template without generation markers": (["template.chat_template=@NO_MARKERS"], "no {% generation %} markers"),
-    "max_length too small for the header": (["packing.max_length=100"], "too small for the template's header"),
+    "zero accumulation": (["train.gradient_accumulation_steps=0"], "train.gradient_accumulation_steps: must be"),
+    "zero batch": (["train.per_device_train_batch_size=0"], "train.per_device_train_batch_size: must be"),
+    "negative learning rate": (["train.learning_rate=-1"], "train.learning_rate: must be a number > 0"),
+    "warmup over 1": (["train.warmup_ratio=1.5"], "train.warmup_ratio: must be a share of the steps in [0, 1)"),
+    "zero max_steps": (["train.max_steps=0"], "train.max_steps: must be -1"),
+    "zero epochs": (["train.max_steps=-1", "train.num_train_epochs=0"], "train.num_train_epochs: must be"),
+    "negative eval steps": (["train.eval_strategy=steps", "train.eval_steps=-5"], "train.eval_steps: must be > 0"),
+    "zero logging steps": (["train.logging_steps=0"], "train.logging_steps: must be > 0"),
+    "proportion without a budget": (["mixture.weighting=proportion"], "mixture.weighting: 'proportion' shares"),
+    "objective that is no source": (["sweep.objective=nope"], "sweep.objective: 'nope'"),
     "eval without held-out rows": (
         ["train.eval_strategy=steps", "train.eval_steps=5", "mixture.test_split_size=0"],
         "nothing to evaluate on",
-    ),
-    "more processes than devices": (
-        ["distributed=ddp", "distributed.processes_per_node=64"],
-        "distributed.processes_per_node: 64 processes on this node but it has",
     ),
     "fsdp1, which cannot run on CPU ranks": (
         ["distributed=fsdp", "distributed.fsdp.version=1"],
@@ -48,15 +64,40 @@ CASES = {
         ["distributed=fsdp", "distributed.fsdp.activation_checkpointing=true", "train.gradient_checkpointing=true"],
         "are both true: activations would be checkpointed twice",
     ),
-    "attention that would cross packed sequences": (
-        ["model.attn_implementation=paged_attention"],
-        "expected one of [sdpa, eager, flex_attention, flash_attention_2",
+    "generation scorer unknown": (
+        ["eval.generate.enabled=true", "mixture.sources.arith.scorer=nope"],
+        "mixture.sources.arith.scorer",
+    ),
+    # the machine: devices, kernels, packages (sft_exp.config.preflight)
+    "more processes than devices": (
+        ["distributed=ddp", "distributed.processes_per_node=64"],
+        "distributed.processes_per_node: 64 processes on this node but it has",
     ),
     "attention kernel that cannot run here": (
         ["model.attn_implementation=flash_attention_2"],
         "model.attn_implementation: flash_attention_2 cannot run",
     ),
     "liger where it cannot run": (["train.use_liger_kernel=true"], "train.use_liger_kernel: "),
+    "nccl without GPUs": (["distributed=ddp", "distributed.backend=nccl"], "distributed.backend: nccl needs CUDA"),
+    # what transformers / TRL refuse, found by building the SFTConfig once, dry
+    "optimizer transformers does not know": (["+train.extra.optim=adamw_nope"], "train.extra.optim: transformers"),
+    "extra field that is not in SFTConfig": (["+train.extra.not_a_field=1"], "train.extra.not_a_field: is not a field"),
+    "extra field sft-exp sets itself": (["+train.extra.max_length=8"], "train.extra.max_length: is set by sft-exp"),
+    # model and tokenizer loading (before anything is written)
+    "model folder that does not exist": (["model.name_or_path=/nope/model"], "model.name_or_path: '/nope/model'"),
+    "hub id not cached while offline": (["model.name_or_path=nobody/no-model"], "HF_HUB_OFFLINE is set"),
+    "model folder with a broken config": (["model.name_or_path=@BROKEN"], "config or tokenizer files cannot be read"),
+    # data and templates (found while preparing: the run directory it made is removed)
+    "unknown hub dataset": (
+        ["mixture.sources.arith.path=null", "mixture.sources.arith.id=nobody/no-such-dataset"],
+        "mixture.sources.arith: could not load nobody/no-such-dataset",
+    ),
+    "unknown split of local files": (["mixture.sources.arith.split=validation"], "split: 'validation' for local files"),
+    "data that is not valid UTF-8": (["mixture.sources.arith.path=@LATIN1"], "line 4 is not valid UTF-8"),
+    "columns differ": (["mixture.sources.arith.columns=[messages]"], "columns differ across sources"),
+    "template without generation markers": (["template.chat_template=@NO_MARKERS"], "no {% generation %} markers"),
+    "eos token the tokenizer lacks": (["template.eos_token=nope_token"], "template.eos_token: 'nope_token' is not a"),
+    "max_length too small for the header": (["packing.max_length=100"], "too small for the template's header"),
     "run dir holds a finished run": (["@FINISHED"], "already holds a finished run"),
 }
 
@@ -71,16 +112,31 @@ def test_bad_input_fails_clearly_and_early(case: str, tmp_path: Path, fast_args:
         (run_dir / "run_config.yaml").write_text("mode: train\n")
         (run_dir / "metrics.json").write_text('{"done": true}\n')
         overrides = []
-    if overrides == ["template.chat_template=@NO_MARKERS"]:
-        tpl = tmp_path / "plain.jinja"
-        tpl.write_text(NO_MARKERS)
-        overrides = [f"template.chat_template={tpl}"]
+    overrides = [_materialise(o, tmp_path) for o in overrides]
     r = launch([*args, *overrides], cwd=tmp_path, timeout=300)
-    assert r.returncode != 0, r.stdout[-2000:]
-    assert needle in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert len(errors) == 1 and needle in errors[0], r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     if case == "run dir holds a finished run":
         assert (run_dir / "metrics.json").read_text() == '{"done": true}\n'  # untouched
         assert not (run_dir / ".hydra").exists()  # refused before Hydra wrote anything there
     else:
-        assert not (run_dir / "metrics.json").exists()
+        assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())  # nothing left behind
+
+
+def _materialise(override: str, tmp_path: Path) -> str:
+    """`key=@NAME`: a file the case needs, written into tmp_path."""
+    key, _, value = override.partition("=")
+    if value == "@NO_MARKERS":
+        (tmp_path / "plain.jinja").write_text(NO_MARKERS)
+        return f"{key}={tmp_path / 'plain.jinja'}"
+    if value == "@BROKEN":
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "config.json").write_text("{not json")
+        return f"{key}={tmp_path / 'model'}"
+    if value == "@LATIN1":
+        rows = (ASSETS / "demo" / "arith.jsonl").read_bytes().splitlines(keepends=True)[:3]
+        (tmp_path / "latin1.jsonl").write_bytes(b"".join(rows) + '{"messages": "café"}\n'.encode("latin-1"))
+        return f"{key}={tmp_path / 'latin1.jsonl'}"
+    return override

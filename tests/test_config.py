@@ -42,6 +42,26 @@ def test_every_experiment_preset_composes_and_validates(preset: str) -> None:
     validate(run)
 
 
+# Choices that are values of a key rather than files of a group (every new one is listed here).
+KEY_CHOICES = [
+    *[f"template.train_on={v}" for v in ("content", "content_and_header", "template")],
+    *[f"mixture.sources.arith.format={v}" for v in ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")],
+    "+mixture.sources.arith.fields.messages=chat",
+    "+mixture.sources.arith.roles.bot=assistant",
+]
+
+
+@pytest.mark.parametrize("override", KEY_CHOICES)
+def test_every_key_choice_composes_and_validates(override: str) -> None:
+    run = to_run_config(compose([override]))
+    validate(run)
+    key, value = override.lstrip("+").split("=")
+    node = run
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    assert getattr(node, "value", node) == value
+
+
 def test_every_yaml_opens_with_its_command() -> None:
     for path in CONF.rglob("*.yaml"):
         lines = path.read_text().splitlines()

@@ -65,7 +65,8 @@ def test_mixture_has_every_split_with_its_weight(run) -> None:
 
 
 def test_template_and_packing(run) -> None:
-    assert run.template.chat_template.endswith("smollm3.jinja") and run.template.enable_thinking
+    assert run.template.chat_template.endswith("smollm3_recipe.jinja") and run.template.enable_thinking
+    assert run.template.train_on.value == "template"  # the recipe's mask: exactly what the markers wrap (TRL's)
     assert run.template.eos_token == "<|im_end|>"
     assert run.packing.strategy.value == "ffd" and run.packing.max_length == 65536
 

@@ -65,8 +65,11 @@ def test_missing_columns_and_messages_are_named(tmp_path: Path) -> None:
         load_source("s", SourceConfig(path=str(p), columns=["messages", "nope"]))
     q = tmp_path / "y.jsonl"
     q.write_text('{"text": "hello"}\n')
-    with pytest.raises(DataError, match="mixture.sources.s: no 'messages' column"):
+    with pytest.raises(DataError, match=r"mixture.sources.s: no known data format in columns \['text'\]"):
         load_source("s", SourceConfig(path=str(q)))
+    with pytest.raises(DataError, match=r"mixture.sources.s: no column \['messages'\] for format=messages") as e:
+        load_source("s", SourceConfig(path=str(q), format="messages"))
+    assert "a 'messages' list of {role, content} turns" in str(e.value)
 
 
 @pytest.mark.parametrize(

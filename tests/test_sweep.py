@@ -131,7 +131,7 @@ def test_sweep_presets_are_multiruns_with_params(preset: str) -> None:
         assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "minimize"
         assert cfg.hydra.sweeper.storage is None  # in memory: optuna 2's SQL layer is opt-in
     for key in cfg.hydra.sweeper.params:
-        assert key in {"train.learning_rate"} or key.startswith("mixture.sources."), key
+        assert key in {"train.learning_rate", "mixture.draw"} or key.startswith("mixture.sources."), key
 
 
 def test_objective_must_be_all_or_a_source() -> None:

@@ -886,3 +886,49 @@ def test_truncation_report_reads_only_the_long_rows_of_the_cache(tmp_path: Path)
         rep = truncation_report(max_length, "truncate", src, rows)
         assert rep == truncation_report(max_length, "truncate", flat, rows)
     assert rep["rows_assistant_cut"] > 0
+
+
+# ───── the recipe's mask: train_on=template ─────
+
+
+def test_recipe_mask_equals_apply_chat_template_with_the_recipe_template() -> None:
+    """experiment=smollm3_sft: ids and mask equal transformers' apply_chat_template(..., return_assistant_tokens_mask=
+    True) with the recipe's template text, on system flags, tool turns and both modes (date pinned alike)."""
+    from sft_exp.config import to_run_config
+    from tests.conftest import compose
+
+    tcfg = to_run_config(compose(["experiment=smollm3_sft"])).template
+    assert tcfg.train_on == TrainOn.template and tcfg.date_string == DATE
+    text = Path(tcfg.chat_template).read_text()
+    assert text.split("\n", 1)[1] == _whole_turn_markers(TEMPLATES["smollm3"]).split("\n", 1)[1]
+    assert fast_render._sha256(text) == fast_render.SMOLLM3_RECIPE_SHA256
+    tok = tokenizer_with(text)
+    spec = RenderSpec.build(tcfg, tok)
+    cases = [(m, k) for _, m, k in EDGE_CASES if "consecutive" not in _]
+    cases += [(load_rows(n)[0][i], load_rows(n)[1][i]) for n in SOURCES for i in range(3)]
+    for thinking in (True, False):
+        kws = [{**(k or {}), "enable_thinking": thinking} for _, k in cases]
+        enc = encode_conversations(spec, tok, [m for m, _ in cases], kws)
+        assert renderer(spec).fast_rows > 0  # the port of the recipe's template, not only Jinja
+        for i, (m, k) in enumerate(zip([m for m, _ in cases], kws)):
+            ids, _, mask = enc.row(i)
+            assert (ids.tolist(), mask.tolist()) == reference(tok, spec, m, k), m
+            assert not m or "<|im_start|>assistant\n" in runs(tok, ids, mask)[0] or not mask.any()
+    assert _check(text, "template") == ([], [])
+
+
+def test_prompt_assistant_turns_are_not_trained() -> None:
+    """prompt_completion rows: the prompt's assistant turns are rendered but never trained (TRL's completion loss)."""
+    tok, spec = make("smollm3", "content")
+    flagged = [
+        {"role": "user", "content": "a", "train": False},
+        {"role": "assistant", "content": "b", "train": False},
+        {"role": "user", "content": "c", "train": False},
+        {"role": "assistant", "content": "d", "train": True},
+    ]
+    enc = encode_conversations(spec, tok, [flagged], None)
+    ids, _, mask = enc.row(0)
+    assert runs(tok, ids, mask) == ["d" + EOS]
+    assert encode_conversations(spec, tok, [flagged], None, raw=True).masks.sum() > mask.sum()
+    _, problems, warnings = check_rows("pc", spec, tok, [flagged], [None], [0])
+    assert (problems, warnings) == ([], [])

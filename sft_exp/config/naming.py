@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import re
@@ -14,6 +15,33 @@ LONG_FLOAT = re.compile(r"\d*\.\d{5,}(?:[eE][-+]?\d+)?")  # Optuna's samples: 0.
 # Top-level keys that never change what is trained: a resume may change them, compare does not take them as swept, and
 # Hydra leaves them out of sweep run directory names (conf/hydra/default.yaml's exclude_keys; a test keeps them agreed).
 NOT_EXPERIMENT = ("cache_dir", "paths", "sweep", "tracking", "resume", "launcher", "inspect", "experiment")
+# Keys inside the experiment's groups that do not change what is trained either: logging, saving, eval cadence,
+# reporting, data-loading workers (fnmatch patterns). compare does not take them as swept.
+NOT_EXPERIMENT_KEYS = (
+    "train.logging_*",
+    "train.save_*",
+    "train.eval_strategy",
+    "train.eval_steps",
+    "train.per_device_eval_batch_size",
+    "train.report_to",
+    "train.dataloader_num_workers",
+    "train.extra.logging_*",
+    "train.extra.save_*",
+    "train.extra.eval_*",
+    "train.extra.dataloader_num_workers",
+    "train.extra.dataloader_pin_memory",
+    "train.extra.dataloader_persistent_workers",
+    "train.extra.dataloader_prefetch_factor",
+    "eval.generate.when",
+    "eval.generate.every_steps",
+    "eval.generate.batch_size",
+    "eval.generate.samples",
+)
+NOT_EXPERIMENT_KEY = re.compile(
+    "|".join(
+        [rf"^({'|'.join(map(re.escape, NOT_EXPERIMENT))})(\.|$)", *(fnmatch.translate(p) for p in NOT_EXPERIMENT_KEYS)]
+    )
+)
 
 _claimed: dict[str, str] = {}
 

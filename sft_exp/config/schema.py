@@ -81,6 +81,18 @@ class TrainOn(str, Enum):
     content = "content"  # the assistant content + its end-of-turn token
     # ... plus the turn's header ("<|im_start|>assistant\n") and the empty no_think block the template writes
     content_and_header = "content_and_header"
+    # exactly what the template's {% generation %} markers wrap (TRL's assistant_only_loss): the SmolLM3 recipe's
+    template = "template"
+
+
+class DataFormat(str, Enum):
+    """How a source's rows are laid out (sft_exp/data/formats.py); auto detects it from the columns."""
+
+    auto = "auto"
+    messages = "messages"
+    sharegpt = "sharegpt"
+    alpaca = "alpaca"
+    prompt_completion = "prompt_completion"
 
 
 class DistStrategy(str, Enum):
@@ -183,6 +195,12 @@ class SourceConfig:
     revision: str | None = None
     columns: list[str] | None = None  # columns kept; default: messages (+ chat_template_kwargs when present)
     weight: float = 1.0  # unit set by mixture.weighting
+    # The reasoning mode of this source's rows that carry no chat_template_kwargs.enable_thinking (plain messages
+    # data); None: template.enable_thinking. Part of the source's cache key.
+    enable_thinking: bool | None = None
+    format: DataFormat = DataFormat.auto  # the rows' layout; converted to messages before the template
+    fields: dict[str, str] = field(default_factory=dict)  # the data's names: {messages: chat, role: from, ...}
+    roles: dict[str, str] = field(default_factory=dict)  # the data's role names -> system/user/assistant/tool
     # How generated turns of this source are scored (eval.generate): exact_match, contains, regex, json_tool_call,
     # none, or a Python function 'package.module:function' (sft_exp/eval/scorers.py says what each does).
     scorer: str = "none"
@@ -201,6 +219,19 @@ class SourceDefaults:
 
 
 @dataclass
+class MixtureSearchConfig:
+    """Random mixtures for sweep=mixture_random (sft_exp/data/mixture.py: draw_shares, apply_mixture_draw): with
+    mixture.draw=i the source weights become point i of a seeded Dirichlet(alpha) within per-source share bounds, or
+    points[i] when points are given (proposals written by `python -m sft_exp.mixsearch`)."""
+
+    seed: int = 0
+    alpha: float = 1.0
+    min_share: dict[str, float] = field(default_factory=dict)
+    max_share: dict[str, float] = field(default_factory=dict)
+    points: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
 class MixtureConfig:
     # New sources come from a mixture YAML (conf/mixture/*.yaml or --config-dir): OmegaConf 2.3 cannot add a new
     # structured value to a typed dict from the command line (`+mixture.sources.x=...` fails).
@@ -215,6 +246,11 @@ class MixtureConfig:
     test_split_size: float = 0.0
     on_bad_rows: BadRows = BadRows.error
     num_proc: int = 1
+    # sweep=mixture_random: the index of the random mixture (or proposal) this run trains; replaces the weights.
+    draw: int | None = None
+    search: MixtureSearchConfig = field(default_factory=MixtureSearchConfig)
+    # Each epoch draws its own rows (fraction < 1: a fresh subset; > 1: repeats spread over epochs), seeded per epoch.
+    resample_each_epoch: bool = False
 
 
 @dataclass
@@ -309,6 +345,7 @@ class SweepConfig:
     # ("all", trained-token weighted) or one source's name; or a generation metric, gen/<source or all>/<metric>
     # (eval.generate), returned negated when higher is better (sft_exp.eval.scorers.metric_direction).
     objective: str = "all"
+    trials: int = 12  # sweep=mixture_random: how many random mixtures
 
 
 class GenerateWhen(str, Enum):
@@ -397,6 +434,9 @@ class RunConfig:
     # false: a new run directory. true: continue the latest run made with the same overrides (same command).
     # <run dir>: continue that run. Either way training goes on from its last complete checkpoint.
     resume: Any = False
+    # <run dir>: run again with that run's config (its run_config.yaml; where and how to run, paths, mode, tracking,
+    # stay this command's) and the model and hub sources pinned to the commit SHAs of its lock.json (sft_exp/lock.py).
+    lock: str | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
@@ -409,9 +449,41 @@ def _fail(where: str, what: str, fix: str) -> None:
     raise ConfigError(f"{where}: {what}. {fix}")
 
 
+# train.<key>: (the values transformers can use, as a test on the value, the fix). Checked before anything is written:
+# transformers would take most of these silently and fail (or divide by zero) inside the training loop.
+_TRAIN_RANGES: dict[str, tuple[str, Any, str]] = {
+    "learning_rate": ("a number > 0", lambda v: math.isfinite(v) and v > 0, "e.g. train.learning_rate=1e-5"),
+    "num_train_epochs": ("a number > 0", lambda v: math.isfinite(v) and v > 0, "e.g. train.num_train_epochs=2"),
+    "max_steps": ("-1 (train num_train_epochs) or >= 1", lambda v: v == -1 or v >= 1, "e.g. train.max_steps=-1"),
+    "per_device_train_batch_size": ("an integer >= 1", lambda v: v >= 1, "e.g. train.per_device_train_batch_size=1"),
+    "per_device_eval_batch_size": ("an integer >= 1", lambda v: v >= 1, "e.g. train.per_device_eval_batch_size=1"),
+    "gradient_accumulation_steps": ("an integer >= 1", lambda v: v >= 1, "e.g. train.gradient_accumulation_steps=8"),
+    "warmup_ratio": ("a share of the steps in [0, 1)", lambda v: 0 <= v < 1, "e.g. train.warmup_ratio=0.03"),
+    "weight_decay": ("a number >= 0", lambda v: v >= 0, "e.g. train.weight_decay=0.0"),
+    "max_grad_norm": ("a number >= 0 (0: no clipping)", lambda v: v >= 0, "e.g. train.max_grad_norm=1.0"),
+    "seed": ("an integer >= 0", lambda v: v >= 0, "e.g. train.seed=42"),
+    "logging_steps": ("> 0 (steps, or a share of them when < 1)", lambda v: v > 0, "e.g. train.logging_steps=10"),
+    "save_steps": ("> 0 (steps, or a share of them when < 1)", lambda v: v > 0, "e.g. train.save_steps=500"),
+    "dataloader_num_workers": ("an integer >= 0", lambda v: v >= 0, "e.g. train.dataloader_num_workers=0"),
+}
+
+
+def validate_train_values(t: TrainConfig) -> None:
+    """Every train.* value in the range the Trainer can use, checked the way it would (before anything is written)."""
+    for key, (what, ok, fix) in _TRAIN_RANGES.items():
+        value = getattr(t, key)
+        if not ok(value):
+            _fail(f"train.{key}", f"must be {what}, got {value}", fix)
+    if t.eval_steps is not None and not t.eval_steps > 0:
+        _fail("train.eval_steps", f"must be > 0, got {t.eval_steps}", "e.g. train.eval_steps=50")
+    if t.save_total_limit is not None and t.save_total_limit < 1:
+        _fail("train.save_total_limit", f"must be >= 1 or null, got {t.save_total_limit}", "null keeps every one")
+
+
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that the schema's types cannot express. Cheap: no model or data is loaded."""
     validate_tracking_and_sweep(cfg)
+    validate_train_values(cfg.train)
     m = cfg.mixture
     if not m.sources:
         _fail("mixture.sources", "no sources", "Choose a mixture (mixture=demo) or add mixture.sources.<name>.path=...")
@@ -756,13 +828,23 @@ def register_asset_resolver() -> None:
 
 def to_run_config(cfg: Any) -> RunConfig:
     """A composed (or loaded) DictConfig -> the typed RunConfig, interpolations resolved."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     register_asset_resolver()
+    if isinstance(cfg, DictConfig) and cfg.get("lock"):
+        from sft_exp.lock import apply_lock
+
+        try:
+            cfg = apply_lock(cfg, str(cfg.lock))
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from e
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), _upgrade_legacy_keys(cfg))
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, RunConfig)
     _apply_source_defaults(obj.mixture)
+    from sft_exp.data.mixture import apply_mixture_draw
+
+    apply_mixture_draw(obj.mixture)  # mixture.draw=i: the weights of random mixture i (sweep=mixture_random)
     if obj.cache_dir:
         obj.cache_dir = os.path.abspath(os.path.expanduser(obj.cache_dir))  # ranks and tools agree wherever they run
     return obj

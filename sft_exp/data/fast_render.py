@@ -36,6 +36,7 @@ WORD_SPLIT = os.environ.get("SFT_EXP_WORD_SPLIT", "1") != "0"
 # SHA-256 of the UTF-8 text of the shipped templates each port reproduces, branch for branch.
 SMOLLM3_SHA256 = "4e5f20b6480be75dd48b553dbf37f701934701face94482d70a63356fb042bd9"
 CHATML_SHA256 = "4e76598a11788ecef7962a3c432c2fa77f400b4c9803471f6d85dd3845d9271c"
+SMOLLM3_RECIPE_SHA256 = "a0d9f492b37f709318808ea6c8aa480da2e96110039db073fc092da25ba2a0c4"
 
 # (text, generation spans) or None: the row is not one the port handles.
 Port = Callable[[Any, dict[str, Any], bool], "tuple[str, list[tuple[int, int]]] | None"]
@@ -44,7 +45,8 @@ START, END = "<|im_start|>", "<|im_end|>"
 EMPTY_THINK = "<think>\n\n</think>\n"
 # Message keys the templates never read (with any plain JSON value): tool_calls, names, the reasoning fields and
 # their aliases (transformers' _alias_reasoning_fields only adds more of them).
-_IGNORED_KEYS = frozenset({"tool_calls", "name", "tool_call_id", "reasoning_content", "thinking", "reasoning"})
+# ("train": sft-exp's flag on a prompt_completion row's turns, sft_exp.data.formats.TRAIN_KEY; templates ignore it)
+_IGNORED_KEYS = frozenset({"tool_calls", "name", "tool_call_id", "reasoning_content", "thinking", "reasoning", "train"})
 _SMOLLM3_ROLES = frozenset({"system", "user", "assistant", "tool"})
 _SCALARS = (str, int, float, bool)
 
@@ -261,7 +263,11 @@ def _unrendered_plain(kw: dict[str, Any], rendered: tuple[Any, ...]) -> bool:
     return all(type(v) is not list or any(v is r for r in rendered) or _plain(v) for v in kw.values())
 
 
-def _smollm3(messages: Any, kw: dict[str, Any], add_generation_prompt: bool) -> tuple[str, list[Any]] | None:
+def _smollm3(
+    messages: Any, kw: dict[str, Any], add_generation_prompt: bool, whole_turn: bool = False
+) -> tuple[str, list[Any]] | None:
+    """smollm3.jinja; whole_turn=True: smollm3_recipe.jinja, whose markers wrap the whole assistant turn (header,
+    empty think block, content, end-of-turn token and newline) instead of the content + end-of-turn token."""
     if not _kwargs_ok(kw):
         return None
     msgs = _messages(messages, _SMOLLM3_ROLES)
@@ -295,9 +301,9 @@ def _smollm3(messages: Any, kw: dict[str, Any], add_generation_prompt: bool) -> 
             content = ""
         if role == "assistant":
             gen = content.lstrip("\n") + END
-            s = n + len(head)
-            spans.append((s, s + len(gen)))
             piece = head + gen + "\n"
+            s = n if whole_turn else n + len(head)
+            spans.append((s, n + len(piece) if whole_turn else s + len(gen)))
         elif role == "system":
             continue
         else:  # user, tool
@@ -339,7 +345,11 @@ def _chatml(messages: Any, kw: dict[str, Any], add_generation_prompt: bool) -> t
     return "".join(parts), spans
 
 
-PORTS: dict[str, Port] = {SMOLLM3_SHA256: _smollm3, CHATML_SHA256: _chatml}
+def _smollm3_recipe(messages: Any, kw: dict[str, Any], add_generation_prompt: bool) -> tuple[str, list[Any]] | None:
+    return _smollm3(messages, kw, add_generation_prompt, whole_turn=True)
+
+
+PORTS: dict[str, Port] = {SMOLLM3_SHA256: _smollm3, SMOLLM3_RECIPE_SHA256: _smollm3_recipe, CHATML_SHA256: _chatml}
 # Variables the ports assume are not set by anything else than the row (a special token of that name would be).
 _READ = frozenset(_SMOLLM3_KWARGS) | {"messages", "documents", "strftime_now", "namespace"}
 

@@ -10,6 +10,7 @@ renamed into place under a file lock, so concurrent runs never see a half-writte
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -25,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 from filelock import FileLock
 
-from sft_exp.config import RunConfig
+from sft_exp.config import RunConfig, SourceConfig
 from sft_exp.data import packing as pk
 from sft_exp.data.mixture import select_mixture
 from sft_exp.data.sources import check_same_columns, fingerprint, load_source, row_problem
@@ -61,6 +62,7 @@ class TokenizedSource:
     cache: str  # "hit" or "miss"
     columns: list[str] = field(default_factory=list)  # the source's columns as loaded (after `columns` selection)
     path: str = ""  # the cache entry the chunks map
+    format: str = "messages"  # the data format its rows were read as (sft_exp.data.formats)
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in ("chunks", "input_ids", "assistant_masks")}
@@ -197,6 +199,14 @@ class PackedDataset(datasets.Dataset):
     columns) returns that column as a list, gathering the whole set: for tests and small (eval) sets."""
 
     COLUMNS = ("input_ids", "loss_mask", "seq_lengths", "seq_sources")
+
+    def set_epoch(self, epoch: int) -> None:
+        """mixture.resample_each_epoch: switch to epoch `epoch`'s rows (called by the Trainer's DataLoader at the
+        start of every epoch; a no-op otherwise). The length stays epoch 0's: a shorter epoch wraps around, a
+        longer one is cut (its plan packs about as many rows, the token budget being the same)."""
+        epoch_rows = getattr(self, "epoch_rows", None)
+        if epoch_rows is not None:
+            self.set_transform(epoch_rows(epoch))
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str) and key in self.COLUMNS:
@@ -342,6 +352,7 @@ def _from_cached(name: str, path: Path, cache: str) -> TokenizedSource:
         cache,
         meta["columns"],
         str(path),
+        meta.get("format", "messages"),
     )
 
 
@@ -363,7 +374,7 @@ def tokenize_source(name: str, run: RunConfig, spec: RenderSpec, tokenizer: Any,
     with FileLock(str(cache_dir / f"{name}-{key}.lock")):
         if (final / "sft_exp_meta.json").exists():  # another run of the sweep built it while we waited
             return _from_cached(name, final, "hit")
-        ds = load_source(name, run.mixture.sources[name])
+        ds, fmt = load_source(name, run.mixture.sources[name], with_format=True)
         rows_in_source = len(ds)
         drop_bad = run.mixture.on_bad_rows.value == "drop"
         out = ds.map(
@@ -385,6 +396,7 @@ def tokenize_source(name: str, run: RunConfig, spec: RenderSpec, tokenizer: Any,
             "rows_dropped": rows_in_source - len(out),
             "key": key,
             "columns": sorted(ds.column_names),
+            "format": fmt,
         }
         (tmp / "sft_exp_meta.json").write_text(json.dumps(meta))
         os.replace(tmp, final)  # atomic: readers see no entry or a whole one
@@ -430,7 +442,53 @@ def _pack(
     return packed_dataset(rows), plan.summary(), lengths_a, rows
 
 
+def _resample_report(run: RunConfig, selections: dict[str, Any]) -> dict[str, Any]:
+    """mixture_stats.json's mixture.rows_per_epoch: per source, rows and new rows of each epoch to be trained."""
+    from sft_exp.data.mixture import epoch_report
+
+    epochs = max(1, int(np.ceil(run.train.num_train_epochs)))
+    return {"resample_each_epoch": True, "rows_per_epoch": epoch_report(selections, run.mixture.seed, epochs)}
+
+
+def _epoch_rows(run: RunConfig, sources: list[TokenizedSource], selections: dict[str, Any], n: int, epoch: int) -> Any:
+    """The packed rows of epoch `epoch` under mixture.resample_each_epoch, as a transform of n rows (wrapped/cut)."""
+    sel = [selections[s.name].epoch_rows(run.mixture.seed, s.name, epoch) for s in sources]
+    rows = _pack(run, sources, sel)[3]
+    return functools.partial(_remapped, rows, np.arange(n) % max(1, len(rows)))
+
+
+def _remapped(rows: PackedRows, idx: np.ndarray, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """PackedRows' transform with row r read as row idx[r] (picklable, for DataLoader workers)."""
+    return rows({**batch, "row": [int(idx[r]) for r in batch["row"]]})
+
+
 # ------------------------------------------------------------------------------------------------------- the stage
+def source_spec(spec: RenderSpec, source: SourceConfig) -> RenderSpec:
+    """The render spec of one source: its own default reasoning mode (mixture.sources.<name>.enable_thinking)."""
+    if source.enable_thinking is None:
+        return spec
+    return dataclasses.replace(spec, enable_thinking=source.enable_thinking)
+
+
+def default_mode_warnings(run: RunConfig, spec: RenderSpec, sources: list[TokenizedSource]) -> list[str]:
+    """`warning:` lines for sources whose rows carry no enable_thinking, so the template's default mode (think, and
+    the template's system prompt) decides how all of them are rendered, without the user having chosen it."""
+    lines = []
+    trained = sum(int(s.trained.sum()) for s in sources) or 1
+    for s in sources:
+        cfg = run.mixture.sources[s.name]
+        if cfg.enable_thinking is not None or "chat_template_kwargs" in s.columns:
+            continue
+        mode = "think" if spec.enable_thinking is not False else "no_think"
+        lines.append(
+            f"warning: {s.name}: its rows carry no chat_template_kwargs.enable_thinking, so all of them "
+            f"({int(s.trained.sum()) / trained:.1%} of the trained tokens) are rendered in the template's default "
+            f"mode ({mode}, with its system prompt). Choose it: mixture.sources.{s.name}.enable_thinking=false "
+            "(no_think) or =true (think)"
+        )
+    return lines
+
+
 def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path, *, verbose: bool = True) -> PreparedData:
     """Build the mixture, tokenise (through the cache), select rows by weight, pack train and per-source eval sets.
 
@@ -453,12 +511,15 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path, *, verbose: bo
     t0 = time.perf_counter()
     spec = RenderSpec.build(run.template, tokenizer)
     names = sorted(run.mixture.sources)  # sorted: the result does not depend on the listing order
+    m_sources = run.mixture.sources
     # Prove the loss mask on samples of every source before tokenising anything (raises, naming source and row).
 
     template_check = check_template(run, spec, tokenizer) if run.train.assistant_only_loss else None
     if template_check is not None and verbose and is_main_process():
         print(template_check.format(), flush=True)
-    sources = [tokenize_source(n, run, spec, tokenizer, cache_dir) for n in names]
+    sources = [tokenize_source(n, run, source_spec(spec, m_sources[n]), tokenizer, cache_dir) for n in names]
+    for line in default_mode_warnings(run, spec, sources) if verbose and is_main_process() else []:
+        print(line, flush=True)
     t_tok = time.perf_counter() - t0
 
     for src in sources:
@@ -490,9 +551,12 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path, *, verbose: bo
             think_share=round(float(src.think[sel.train].mean()), 4) if len(sel.train) else 0.0,
             **length_stats(tl),
             cache=src.cache,
+            format=src.format,
         )
 
     train_ds, pstats, lengths, _ = _pack(run, sources, train_sel)
+    if m.resample_each_epoch:  # each epoch its own seeded rows (sft_exp/data/mixture.py: take_epoch)
+        train_ds.epoch_rows = functools.partial(_epoch_rows, run, sources, selections, len(train_ds))
     # overflow is counted per sequence; attribute truncations back to their sources
     over = lengths > run.packing.max_length
     seq_src = np.concatenate([np.full(len(s), i) for i, s in enumerate(train_sel)])
@@ -528,6 +592,7 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path, *, verbose: bo
                 "total_tokens": m.total_tokens,
                 "seed": m.seed,
                 "test_split_size": m.test_split_size,
+                **(_resample_report(run, selections) if m.resample_each_epoch else {}),
             },
             sources=per_source,
             template_check=template_check.summary() if template_check is not None else None,

@@ -7,6 +7,7 @@ split in RAM.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -16,9 +17,10 @@ from typing import Any
 import datasets
 
 from sft_exp.config import ConfigError, SourceConfig
+from sft_exp.data import formats
 from sft_exp.errors import DataError
 
-VALID_ROLES = frozenset({"system", "user", "assistant", "tool"})
+VALID_ROLES = formats.VALID_ROLES
 DEFAULT_COLUMNS = ("messages", "chat_template_kwargs")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
@@ -51,6 +53,9 @@ def fingerprint(spec: SourceConfig) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({k: getattr(spec, k) for k in ("id", "path", "config", "split", "revision")}).encode())
     h.update(json.dumps(sorted(spec.columns) if spec.columns else None).encode())
+    fmt = spec.format.value if hasattr(spec.format, "value") else str(spec.format)
+    mapping = {"format": fmt, "fields": dict(spec.fields or {}), "roles": dict(spec.roles or {})}
+    h.update(json.dumps([formats.FORMATS_VERSION, mapping], sort_keys=True).encode())
     if spec.path is not None:
         files = (
             sorted(glob.glob(os.path.join(spec.path, "**/*"), recursive=True))
@@ -66,8 +71,39 @@ def fingerprint(spec: SourceConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def load_source(name: str, spec: SourceConfig) -> Any:
-    """Load one source as a `datasets.Dataset` restricted to its columns. Raises DataError/ConfigError clearly."""
+def check_utf8(files: list[str], where: str, chunk: int = 1 << 24) -> None:
+    """Raise DataError naming the file, line and byte of the first invalid UTF-8 in text data files (Arrow would
+    load them and fail later, row by row, with a bare UnicodeDecodeError). One sequential read, O(chunk) memory."""
+    for path in files:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = lines = 0
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as e:
+                    line = lines + block.count(b"\n", 0, e.start) + 1
+                    raise DataError(
+                        f"{where}: {path} line {line} is not valid UTF-8 ({e.reason} at byte {offset + e.start}). "
+                        "Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or drop that line"
+                    ) from None
+                offset, lines = offset + len(block), lines + block.count(b"\n")
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: {path} ends inside a UTF-8 character ({e.reason}). Re-encode it") from None
+
+
+def load_source(name: str, spec: SourceConfig, with_format: bool = False) -> Any:
+    """Load one source as a `datasets.Dataset` of conversations in the internal form (see `to_conversations`),
+    restricted to its columns; with_format=True returns (dataset, the format it was read as). Raises
+    DataError/ConfigError clearly.
+
+    Example:
+        >>> ds, fmt = load_source("chat", SourceConfig(path="data/sharegpt.jsonl"), with_format=True)  # doctest: +SKIP
+        >>> fmt, ds.column_names  # doctest: +SKIP
+        ('sharegpt', ['messages'])
+    """
     where = f"mixture.sources.{name}"
     try:
         if spec.path is not None:
@@ -84,6 +120,8 @@ def load_source(name: str, spec: SourceConfig) -> Any:
                         "('train'). Point path at that split's file(s) and drop the split override"
                     )
                 builder, files = _local_files(spec.path)
+                if builder in ("json", "csv", "text"):
+                    check_utf8(files, where)
                 ds = datasets.load_dataset(builder, data_files=files, split="train")
         else:
             ds = datasets.load_dataset(spec.id, spec.config, split=spec.split, revision=spec.revision)
@@ -93,16 +131,77 @@ def load_source(name: str, spec: SourceConfig) -> Any:
         what = spec.path or f"{spec.id} (config={spec.config}, split={spec.split})"
         raise DataError(f"{where}: could not load {what}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
 
-    wanted = list(spec.columns) if spec.columns else [c for c in DEFAULT_COLUMNS if c in ds.column_names]
-    missing = [c for c in wanted if c not in ds.column_names]
-    if "messages" not in ds.column_names:
+    out = to_conversations(name, spec, ds)
+    return (out, source_format(name, spec, ds)) if with_format else out
+
+
+def source_format(name: str, spec: SourceConfig, ds: Any) -> str:
+    """The format of a loaded source: `spec.format`, or the one its columns show when it is `auto`.
+
+    Example:
+        >>> ds = datasets.Dataset.from_list([{"prompt": "2+2?", "completion": "4"}])
+        >>> source_format("math", SourceConfig(path="math.jsonl"), ds)
+        'prompt_completion'
+    """
+    where = f"mixture.sources.{name}"
+    problem = formats.check_mapping(spec.fields, spec.roles)
+    if problem:
+        raise ConfigError(f"{where}.{problem}")
+    fmt = spec.format.value if hasattr(spec.format, "value") else str(spec.format)
+    if fmt == "auto":
+        try:
+            return formats.detect_format(ds.column_names, ds.features, spec.fields)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}. Set {where}.format and, for other column names, {where}.fields") from e
+    return fmt
+
+
+def to_conversations(name: str, spec: SourceConfig, ds: Any) -> Any:
+    """A loaded source in the internal form: a `messages` column of {role, content} turns (+ chat_template_kwargs
+    when the source has it, + the `columns` kept). A row that does not fit its format gets a stand-in conversation
+    that `row_problem` reports (naming the field), so the data stage raises or drops and counts it."""
+    where = f"mixture.sources.{name}"
+    fmt = source_format(name, spec, ds)
+    cols = ds.column_names
+    need = (
+        [formats.messages_column(fmt, cols, spec.fields)]
+        if fmt == "messages"
+        else formats.required_columns(fmt, spec.fields)
+    )
+    absent = [c for c in need if c not in cols]
+    if absent:
         raise DataError(
-            f"{where}: no 'messages' column (columns: {ds.column_names}). sft-exp trains on conversations: "
-            "a 'messages' list of {{role, content}} turns"
+            f"{where}: no column {absent} for format={fmt} (columns: {cols}). sft-exp trains on conversations: "
+            "a 'messages' list of {role, content} turns, or another format (mixture.sources.<name>.format: "
+            f"{', '.join(formats.FORMATS)}) with its columns renamed by {where}.fields"
         )
-    if missing:
-        raise DataError(f"{where}: columns {missing} not found (columns: {ds.column_names})")
-    return ds.select_columns(wanted)
+    kw = spec.fields.get("chat_template_kwargs", "chat_template_kwargs") if spec.fields else "chat_template_kwargs"
+    plain = fmt == "messages" and need == ["messages"] and not spec.roles and kw == "chat_template_kwargs"
+    if plain:  # the internal form already: no conversion pass
+        wanted = list(spec.columns) if spec.columns else [c for c in DEFAULT_COLUMNS if c in cols]
+        missing = [c for c in wanted if c not in cols]
+        if missing:
+            raise DataError(f"{where}: columns {missing} not found (columns: {cols})")
+        return ds.select_columns(wanted)
+    keep = [c for c in (spec.columns or []) if c in cols and c not in need and c not in ("messages", kw)]
+    fields, roles = dict(spec.fields or {}), dict(spec.roles or {})
+    optional = [
+        c for c in (fields.get("system", "system"), fields.get("input", "input")) if c in cols and c not in need
+    ]
+
+    def convert(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        n = len(next(iter(batch.values())))
+        out: list[Any] = []
+        for i in range(n):
+            msgs, problem = formats.to_messages({c: batch[c][i] for c in need + optional}, fmt, fields, roles)
+            out.append(msgs if msgs is not None else formats.bad_row(str(problem)))
+        res: dict[str, list[Any]] = {"messages": out}
+        if kw in batch:
+            res["chat_template_kwargs"] = batch[kw]
+        return res
+
+    drop = [c for c in cols if c not in keep]
+    return ds.map(convert, batched=True, remove_columns=drop, desc=f"convert {name} ({fmt})")
 
 
 def check_same_columns(columns_by_source: dict[str, list[str]]) -> None:
@@ -122,9 +221,11 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
 
 
 def row_problem(messages: Any) -> str | None:
-    """Why a row is not a valid conversation, or None when it is."""
+    """Why a row is not a valid conversation, or None when it is (a row that did not fit its format: why not)."""
     if not isinstance(messages, list) or not messages:
         return "messages is empty or not a list"
+    if isinstance(messages[0], dict) and messages[0].get("role") == formats.BAD_ROW_ROLE:
+        return str(messages[0].get("content"))
     n_assistant = 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict):

@@ -38,6 +38,7 @@ class SourceStats:
     rows_assistant_cut_examples: list[int] = field(default_factory=list)
     assistant_tokens_cut: int | None = None  # overflow=truncate only
     rows_untrained_after_cut: int | None = None  # overflow=truncate only
+    format: str = "messages"  # the data format the rows were read as (mixture.sources.<name>.format, auto detected)
 
 
 @dataclass
@@ -88,7 +89,7 @@ def length_stats(lengths: np.ndarray) -> dict[str, Any]:
 def format_table(stats: MixtureStats) -> str:
     """The per-source table printed before training and by mode=prepare."""
     cols = ["rows_in_source", "rows_heldout", "weight", "rows", "epochs", "tokens", "trained_tokens", "think_share"]
-    cols += ["mean_length", "p95_length", "max_length", "rows_over_max_length", "rows_dropped", "cache"]
+    cols += ["mean_length", "p95_length", "max_length", "rows_over_max_length", "rows_dropped", "format", "cache"]
     head = ["source", *cols]
     body = [[name, *[str(getattr(s, c)) for c in cols]] for name, s in stats.sources.items()]
     t = stats.total

@@ -23,6 +23,7 @@ import numpy as np
 from sft_exp.config import TemplateConfig, TrainOn
 from sft_exp.data import fast_render
 from sft_exp.data.fast_render import piece_tokenizer
+from sft_exp.data.formats import untrained_assistant_turns
 from sft_exp.errors import TemplateError
 
 GENERATION_RE = r"\{\%-?\s*generation\s*-?\%\}"
@@ -228,7 +229,10 @@ class Renderer:
 
     def adjust_spans(self, text: str, spans: Spans) -> Spans:
         """Spans after template.train_on: whatever the markers wrap, `content` keeps the assistant content + its
-        end-of-turn token, `content_and_header` adds the turn's header and empty think block before it."""
+        end-of-turn token, `content_and_header` adds the turn's header and empty think block before it, `template`
+        keeps exactly what the markers wrap (TRL's assistant_only_loss)."""
+        if self.spec.train_on == TrainOn.template.value:
+            return list(spans)
         out: Spans = []
         eos = self.spec.eos_token
         prev_end = 0
@@ -327,6 +331,30 @@ def _spans_mask_loop(offsets: np.ndarray, row_offsets: np.ndarray, spans: list[S
     return mask
 
 
+def drop_untrained(messages: Any, spans: Spans) -> Spans:
+    """A row's spans without those of assistant turns marked not to train (the prompt's assistant turns of a
+    prompt_completion row: only the completion is trained, as TRL does). The n-th span is the n-th assistant turn's;
+    a template that does not write one span per assistant turn cannot tell them apart: TemplateError.
+
+    Example:
+        >>> msgs = [{"role": "assistant", "content": "a", "train": False}, {"role": "assistant", "content": "b"}]
+        >>> drop_untrained(msgs, [(0, 5), (9, 14)])
+        [(9, 14)]
+    """
+    skip = untrained_assistant_turns(messages) if isinstance(messages, list) else []
+    if not skip:
+        return spans
+    n = sum(1 for m in messages if isinstance(m, Mapping) and m.get("role") == "assistant")
+    if len(spans) != n:
+        raise TemplateError(
+            f"template: a prompt_completion row has {n} assistant turns but the template wraps {len(spans)} spans in "
+            "{% generation %} markers, so the prompt's assistant turns cannot be left untrained. Use a template with "
+            "one generation block per assistant turn (template=smollm3 or chatml)"
+        )
+    drop = set(skip)
+    return [sp for i, sp in enumerate(spans) if i not in drop]
+
+
 # -------------------------------------------------------------------------------------------------- the batch API
 def encode_texts(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One `backend_tokenizer.encode_batch(texts, add_special_tokens=False)` as flat arrays: (ids int32, character
@@ -393,6 +421,7 @@ def encode_conversations(
     texts, spans = r.render(messages, kwargs if kwargs is not None else [None] * len(messages))
     if not raw:
         spans = [r.adjust_spans(t, s) for t, s in zip(texts, spans)]
+        spans = [drop_untrained(m, s) for m, s in zip(messages, spans)]
     pt = piece_tokenizer(tokenizer)
     ids, offsets, row_offsets = pt.encode(texts) if pt.piecewise else encode_texts(tokenizer, texts)
     return Encoded(texts, spans, ids, offsets, spans_mask(offsets, row_offsets, spans), row_offsets, pt.piecewise)

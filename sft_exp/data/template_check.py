@@ -13,7 +13,9 @@ data stage will do it, and checked three ways:
    /think, /no_think, /system_override flags of its system prompt kept), so where every message landed in the text
    is known exactly. Then: no trained token touches system, user or tool text (or the template's own header text);
    every assistant content is trained in full; the token right after it is the end-of-turn token (template.eos_token,
-   the tokenizer's eos) and it is trained (a model that never learns to emit it never stops).
+   the tokenizer's eos) and it is trained (a model that never learns to emit it never stops). Under
+   template.train_on=template whatever the markers wrap is allowed (the header, think block and newline too); the
+   prompt's assistant turns of a prompt_completion row must not be trained.
 Any failure stops the run (assistant_only_loss=true) with the source, the row and the text at fault.
 """
 
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from sft_exp.data.formats import TRAIN_KEY
 from sft_exp.data.template import RenderSpec, encode_conversations, renderer, row_kwargs
 from sft_exp.errors import TemplateError
 
@@ -105,6 +108,8 @@ def probe_row(messages: list[dict[str, Any]], tag: str) -> tuple[list[dict[str, 
     for i, m in enumerate(messages):
         role = m.get("role")
         marker = f"[[{tag} {role} {i}]]"
+        if role == "assistant" and m.get(TRAIN_KEY) is False:
+            role = "prompt assistant"  # a prompt_completion row's prompt turn: rendered, never trained
         content = m.get("content")
         new = dict(m)
         if role == "system" and isinstance(content, str):
@@ -127,6 +132,9 @@ def _check_probe(
     where = f"{ctx['source']} row {ctx['row']}"
     covered = _masked_chars(len(text), offsets, mask)
     allowed = np.zeros(len(text), dtype=bool)
+    if ctx["train_on"] == "template":  # exactly the markers' spans: header, think block and newline included
+        for a, b in ctx.get("spans", ()):
+            allowed[a:b] = True
     header, eos_id, eos = ctx["header"], ctx["eos_id"], ctx["eos"]
     prev_end = 0
     for role, marker in markers:
@@ -244,7 +252,7 @@ def check_rows(
     }
     for i, ((_, markers), r) in enumerate(zip(probes, rows)):
         ids, offsets, mask = enc.row(i)
-        p, w = _check_probe(enc.texts[i], offsets, mask, ids, markers, {**ctx, "row": r})
+        p, w = _check_probe(enc.texts[i], offsets, mask, ids, markers, {**ctx, "row": r, "spans": enc.spans[i]})
         problems += p
         warnings += w
     return summary, _dedupe(problems), _dedupe(warnings)

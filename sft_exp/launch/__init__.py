@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sft_exp.config import RunConfig
+from sft_exp.config import Mode, RunConfig
 from sft_exp.launch.job import HydraJob
 
 
@@ -26,6 +26,15 @@ def under_submitit() -> bool:
 
 def start(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started: float) -> dict[str, Any]:
     """Run `run` where it belongs; returns its metrics (rank 0's view). `freeze` writes a new run directory."""
+    quiet_library_noise()
+    # Before the run directory exists: what transformers would refuse later (model, tokenizer, trainer values).
+    from sft_exp.train.model import check_model_loads
+
+    check_model_loads(run)
+    if run.mode == Mode.train:
+        from sft_exp.train.sft_config import check_trainer_config
+
+        check_trainer_config(run)
     if under_submitit():
         from sft_exp.launch.slurm import run_task
 
@@ -33,3 +42,12 @@ def start(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started: fl
     from sft_exp.launch.local import run_local
 
     return run_local(run, job, freeze, started)
+
+
+def quiet_library_noise() -> None:
+    """Lines libraries print that tell the user nothing: DeepSpeed's import warns on every CPU-only run that it was
+    "unable to detect" a GPU unless told the accelerator. Ranks and Slurm tasks inherit the environment."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")

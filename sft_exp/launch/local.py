@@ -12,6 +12,7 @@ from sft_exp.config import ConfigError, DistStrategy, Mode, RunConfig
 from sft_exp.errors import Interrupted
 from sft_exp.io import read_json
 from sft_exp.launch.job import HydraJob
+from sft_exp.launch.report import console_copied_to, final_summary
 from sft_exp.launch.resume import open_run_dir
 from sft_exp.rundir import RunDir
 
@@ -41,7 +42,16 @@ def run_local(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started
     ranks = n if run.mode == Mode.train else 1  # prepare / inspect never need more than one process
     check_devices(run, ranks)  # before the run directory exists: a refused run leaves nothing behind
     run_dir, resume_from = open_run_dir(run, job, freeze)
-    print(f"run directory: {run_dir}", flush=True)
+    with console_copied_to(RunDir(run_dir).console_log):
+        print(f"run directory: {run_dir}", flush=True)
+        result = _run(run, run_dir, job, ranks, resume_from, started)
+        print(final_summary(run, run_dir, result, job), flush=True)
+    return result
+
+
+def _run(
+    run: RunConfig, run_dir: Path, job: HydraJob, ranks: int, resume_from: Path | None, started: float
+) -> dict[str, Any]:
     try:
         if ranks == 1:
             return _in_process(run, run_dir, resume_from, started)

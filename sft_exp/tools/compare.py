@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sft_exp.config.naming import NOT_EXPERIMENT, compact, short_key
+from sft_exp.config.naming import NOT_EXPERIMENT_KEY, compact, short_key
 from sft_exp.io import read_json
-from sft_exp.rundir import RunDir
+from sft_exp.rundir import RunDir, resume_arg
 from sft_exp.tools.sweep_index import INDEX, load_index
 
-# Config keys that never count as "swept" when runs are diffed (names, paths and bookkeeping, not the experiment).
-NOT_EXPERIMENT_KEY = re.compile(rf"^({'|'.join(NOT_EXPERIMENT)})(\.|$)")
+# NOT_EXPERIMENT_KEY (sft_exp.config.naming): config keys that never count as "swept" when runs are diffed (names,
+# paths, bookkeeping, logging / saving / eval cadence, workers: not the experiment).
+__all__ = ["NOT_EXPERIMENT_KEY", "collect", "main", "run_from_wandb", "table", "write_report"]
 LOSS_UNIT = "loss (nats per trained token)"
 
 
@@ -49,10 +50,13 @@ class RunRecord:
     train_curve: list[tuple[float, float]] = field(default_factory=list)  # (step, train loss, all sources)
     eval_curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # source|all -> (step, loss)
     job: int | None = None  # the job number in its sweep
+    alias: str | None = None  # set by distinct_labels when two runs' names would print the same
 
     @property
     def label(self) -> str:
         """The run's name in tables and legends: its swept values, or #<job> when they are too long to read."""
+        if self.alias:
+            return self.alias
         name = compact(self.name)
         if len(name) <= 48:
             return name
@@ -169,14 +173,54 @@ def load_run(run_dir: Path, status: str | None = None, swept: dict[str, Any] | N
     )
 
 
+def not_finished_reason(run_dir: Path) -> str:
+    """Why a run directory has no metrics.json: `failed: <error> (<file>)` when a rank left an error file or a log
+    ends on an `error:` line, else `unfinished` (running, killed, or stopped) with its last start and checkpoint."""
+    rd = RunDir(run_dir)
+    for err in sorted(rd.logs.glob("**/rank*.error.json")):
+        data = read_json(err) or {}
+        msg = data.get("message")
+        if isinstance(msg, dict):
+            msg = msg.get("message")
+        first = next((ln for ln in str(msg or "").splitlines() if ln.strip()), "no message")
+        return f"failed: {first[:200]} ({err.relative_to(run_dir)})"
+    for log in sorted([*run_dir.glob("*.log"), *rd.logs.glob("**/rank*.log")]):
+        try:
+            tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-50:]
+        except OSError:
+            continue
+        errors = [ln.strip() for ln in tail if ln.lstrip().startswith(("error:", "Error:")) or "Error: " in ln]
+        if errors:
+            return f"failed: {errors[-1][:200]} ({log.relative_to(run_dir)})"
+    attempts = read_json(rd.attempts)
+    started = ""
+    if isinstance(attempts, list) and attempts and isinstance(attempts[-1], dict):
+        last = attempts[-1]
+        n = f", {len(attempts)} attempts" if len(attempts) > 1 else ""
+        started = f"; last started {last.get('started', '?')} on {last.get('host', '?')}{n}"
+    ckpts = sorted((p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))  # fmt: skip
+    where = f"; last checkpoint {ckpts[-1].name}, continue with python launch.py {resume_arg(run_dir)}" if ckpts else ""
+    return f"unfinished (still running, killed or stopped){started}{where}"
+
+
+def _config_sources(flat: dict[str, Any]) -> set[str]:
+    """The mixture's source names in a flattened frozen config."""
+    return {k.split(".")[2] for k in flat if k.startswith("mixture.sources.") and k.count(".") >= 3}
+
+
 def _run_dirs_under(path: Path) -> list[Path]:
     return sorted(
         p.parent for p in path.rglob("run_config.yaml") if not any(x.startswith("checkpoint-") for x in p.parts)
     )
 
 
-def collect(paths: list[Path]) -> tuple[list[RunRecord], list[str], str]:
-    """Runs from sweep directories (their index) and run directories; the swept keys; a title."""
+def collect(paths: list[Path], notes: list[str] | None = None) -> tuple[list[RunRecord], list[str], str]:
+    """Runs from sweep directories (their index) and run directories; the swept keys; a title.
+
+    Loose run directories without metrics.json (unfinished or failed) are skipped; what was skipped and why, and
+    sources that not every run has, are appended to `notes` (one line each)."""
+    notes = [] if notes is None else notes
     runs: list[RunRecord] = []
     keys: list[str] = []
     titles: list[str] = []
@@ -203,13 +247,28 @@ def collect(paths: list[Path]) -> tuple[list[RunRecord], list[str], str]:
                 )
             loose += found
             titles.append(f"{p.name} ({len(found)} run directories)")
+    for d in [d for d in loose if not RunDir(d).is_finished()]:
+        notes.append(f"skipped {d}: {not_finished_reason(d)}")
+        loose.remove(d)
     if loose:
         flats = {d: _flat_frozen(d) for d in loose}
+        # A source that not every run has: one `mixture.sources` column (the source names), not its every field.
+        per_run = {d: _config_sources(f) for d, f in flats.items()}
+        shared = set.intersection(*per_run.values())
+        partial = set.union(*per_run.values()) - shared
+        if partial:
+            for f, names in zip(flats.values(), per_run.values()):
+                f["mixture.sources"] = ",".join(sorted(names))
         all_keys = sorted({k for f in flats.values() for k in f})
+        # an empty map in one run, keys under it in another: those keys are diffed, not the map
+        parents = {".".join(k.split(".")[:i]) for k in all_keys for i in range(1, k.count(".") + 1)}
         differing = [
             k
             for k in all_keys
-            if not NOT_EXPERIMENT_KEY.match(k) and len({json.dumps(f.get(k), default=str) for f in flats.values()}) > 1
+            if not NOT_EXPERIMENT_KEY.match(k)
+            and not (k in parents and all(f.get(k) in (None, {}, []) for f in flats.values()))
+            and not (k.startswith("mixture.sources.") and k.split(".")[2] in partial)
+            and len({json.dumps(f.get(k), default=str) for f in flats.values()}) > 1
         ]
         keys += [k for k in differing if k not in keys]
         for d in loose:
@@ -223,8 +282,45 @@ def collect(paths: list[Path]) -> tuple[list[RunRecord], list[str], str]:
     # Values typed from the frozen config when it has the key (1e-3 and 0.001 are the same learning rate).
     for r in runs:
         flat = _flat_frozen(Path(r.path)) if Path(r.path).exists() else {}
+        if "mixture.sources" in keys:
+            flat["mixture.sources"] = ",".join(sorted(_config_sources(flat)))
         r.swept = {k: flat.get(k, _typed(r.swept.get(k))) for k in keys}
+    distinct_labels(runs)
+    notes += source_notes(runs)
     return runs, keys, ", ".join(titles)
+
+
+def source_notes(runs: list[RunRecord]) -> list[str]:
+    """A line per source that only some runs were evaluated on (their cells are blank), and what that means."""
+    names = sources_of(runs)
+    lines = []
+    for s in names:
+        missing = [r.label for r in runs if r.final.get("eval_loss_after") and s not in r.final["eval_loss_after"]]
+        if missing:
+            lines.append(f"source {s} is not in {len(missing)} run(s) ({', '.join(missing)}): their eval_{s} is blank")
+    if lines:
+        lines.append("the runs have different source sets: eval_all averages different sources, compare per source")
+    return lines
+
+
+def distinct_labels(runs: list[RunRecord]) -> None:
+    """Two runs whose labels print the same (same swept values as printed, or names cut short) get their directory
+    name appended, then as much of their path as it takes."""
+    base = {id(r): r.label for r in runs}
+    for depth in (1, 2, 3, 4):
+        seen: dict[str, list[RunRecord]] = {}
+        for r in runs:
+            seen.setdefault(r.label, []).append(r)
+        clashes = [rs for rs in seen.values() if len(rs) > 1]
+        if not clashes:
+            return
+        for rs in clashes:
+            for r in rs:
+                tail = "/".join(Path(r.path).parts[-depth:])
+                r.alias = base[id(r)] if base[id(r)] == tail else f"{base[id(r)]} [{tail}]"
+    for i, r in enumerate(runs):  # the same path given twice
+        if sum(x.label == r.label for x in runs) > 1:
+            r.alias = f"{r.label} #{i + 1}"
 
 
 # ------------------------------------------------------------------------------------------------------ W&B
@@ -292,6 +388,7 @@ def collect_wandb(path: str, group: str | None) -> tuple[list[RunRecord], list[s
         keys += [k for k in r.swept if k not in keys]
     for r in runs:
         r.swept = {k: r.swept.get(k) for k in keys}
+    distinct_labels(runs)
     return runs, keys, f"W&B {path}" + (f" group {group}" if group else "")
 
 
@@ -351,7 +448,7 @@ def table(runs: list[RunRecord], keys: list[str], objective: str) -> tuple[list[
                 f.get("global_steps"),
                 (f.get("train_loss_last") or {}).get("all"),
                 r.eval_after("all"),
-                *[r.eval_after(s) for s in sources],
+                *["" if s not in (f.get("eval_loss_after") or {s: None}) else r.eval_after(s) for s in sources],
                 *([r.gen("all", m) for _, m in GEN_COLUMNS] + [r.gen(s) for s in gen_sources] if has_gen else []),
                 f.get("train_tokens_per_second"),
                 f.get("wall_seconds"),
@@ -624,7 +721,13 @@ def _objective_words(objective: str) -> str:
 
 
 def write_report(
-    runs: list[RunRecord], keys: list[str], objective: str, title: str, out: Path, plots: bool = True
+    runs: list[RunRecord],
+    keys: list[str],
+    objective: str,
+    title: str,
+    out: Path,
+    plots: bool = True,
+    notes: list[str] | None = None,
 ) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     header, rows = table(runs, keys, objective)
@@ -660,6 +763,8 @@ def write_report(
         "",
         "Losses in nats per trained token; `tokens_per_s` = training tokens per second; `wall_s` = the whole run.",
         "",
+        *[f"- {line}" for line in notes or []],
+        *([""] if notes else []),
         format_markdown(header, rows),
         "",
     ]
@@ -688,13 +793,16 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if bool(a.paths) == bool(a.wandb):
         ap.error("give sweep/run directories, or --wandb ENTITY/PROJECT [--group G], not both")
+    notes: list[str] = []
     try:
-        runs, keys, title = collect_wandb(a.wandb, a.group) if a.wandb else collect(a.paths)
+        runs, keys, title = collect_wandb(a.wandb, a.group) if a.wandb else collect(a.paths, notes)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for line in notes:
+        print(f"note: {line}", file=sys.stderr if not runs else sys.stdout)
     if not runs:
-        print("error: no runs found", file=sys.stderr)
+        print("error: no finished runs found" if notes else "error: no runs found", file=sys.stderr)
         return 2
     names = sources_of(runs)
     if a.objective != "all" and a.objective not in names and not a.objective.startswith("gen/"):
@@ -705,7 +813,11 @@ def main(argv: list[str] | None = None) -> int:
     shown = a.objective if a.objective.startswith("gen/") else f"eval_loss_after.{a.objective}"
     print(f"{title}: {len(runs)} runs, objective {shown} (* = best)")
     print(format_text(header, rows))
-    written = write_report(runs, keys, a.objective, title, out, plots=not a.no_plots)
+    written = write_report(runs, keys, a.objective, title, out, plots=not a.no_plots, notes=notes)
+    if not a.no_plots and len(a.paths) == 1 and (a.paths[0] / INDEX).exists():  # a mixture sweep: per-source plots
+        from sft_exp.tools.mixsearch import compare_plots
+
+        written.update({p.stem: p for p in compare_plots(a.paths[0], out)})
     print("\nwrote " + ", ".join(str(p) for p in written.values()))
     return 0
 

@@ -32,7 +32,7 @@ from sft_exp.train.callbacks.tracking import TrackingCallback
 from sft_exp.train.collator import PackedCollator
 from sft_exp.train.sft_config import build_sft_config
 from sft_exp.train.tracking import peak_tflops
-from sft_exp.train.trainer import SourceAwareSFTTrainer
+from sft_exp.train.trainer import SourceAwareSFTTrainer, without_save_progress_bars
 
 
 # ------------------------------------------------------------------------------------------------------ the stage
@@ -197,7 +197,8 @@ def run_training(
         raise Interrupted(stopper.stopped, stopper.step, ckpt if ckpt.is_dir() else None)
     after = _eval_losses(trainer, data.eval_trained_tokens) if has_eval else {}
     with save_guard("final model save", Path(run_dir), Path(run_dir)):  # a failed write: SaveFailed, no metrics.json
-        save_final_model(trainer, str(run_dir))
+        with without_save_progress_bars():
+            save_final_model(trainer, str(run_dir))
         trainer.save_state()
         peft_info = adapter.finish(trainer, tokenizer)  # peft.merge=true: <run_dir>/merged/
     # After the save: whatever fails here leaves the model, and metrics.json carries the error (raised after it).

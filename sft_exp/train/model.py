@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 
 from sft_exp.config import ModelInit, PeftMethod, RunConfig
 from sft_exp.data.template import GENERATION_RE, read_template
-from sft_exp.errors import TemplateError
+from sft_exp.errors import ConfigError, TemplateError
 from sft_exp.train.attention import register
 
 
@@ -103,3 +103,38 @@ def count_parameters(model: Any) -> tuple[int, int]:
         total += n
         trainable += n if prm.requires_grad else 0
     return trainable, total
+
+
+def check_model_loads(run: RunConfig) -> None:
+    """Load the tokenizer (with its chat template) and the model's config once, before anything is written, and turn
+    what fails into an error naming model.name_or_path and the fix: a local folder that does not exist, a hub id that
+    cannot be reached or is not cached while offline, a broken config, no chat template where one is needed."""
+    m = run.model
+    where = f"model.name_or_path: '{m.name_or_path}'"
+    looks_local = m.name_or_path.startswith(("/", ".", "~")) or os.sep in m.name_or_path.strip("/").split("/", 1)[-1]
+    if looks_local and not os.path.exists(os.path.expanduser(m.name_or_path)):
+        raise ConfigError(f"{where} is not a folder that exists. Point it at a from_pretrained folder or a hub id")
+    try:
+        build_tokenizer(run)
+        AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except (TemplateError, ConfigError):
+        raise
+    except OSError as e:
+        if os.path.isdir(os.path.expanduser(m.name_or_path)):
+            raise ConfigError(
+                f"{where}: its config or tokenizer files cannot be read ({' '.join(str(e).split())[:200]}). "
+                "Check config.json / tokenizer files there (or save the model again with save_pretrained)"
+            ) from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        fix = (
+            "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache: download it once online "
+            "(huggingface-cli download <id>), point HF_HOME at a cache that has it, or use a local folder"
+            if offline
+            else "Check the id and revision (private models need HF_TOKEN in the environment), or use a local folder"
+        )
+        raise ConfigError(f"{where} could not be loaded ({' '.join(str(e).split())[:200]}). {fix}") from None
+    except (ValueError, KeyError, TypeError) as e:  # a config.json / tokenizer file transformers cannot read
+        raise ConfigError(
+            f"{where}: its config or tokenizer files cannot be read ({' '.join(str(e).split())[:200]}). "
+            "Check config.json / tokenizer_config.json there (or re-download the model)"
+        ) from None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 
 from trl import SFTConfig
 
-from sft_exp.config import RunConfig, TrainConfig, check_sft_extra
+from sft_exp.compat import reset_accelerate_state
+from sft_exp.config import ConfigError, DistStrategy, RunConfig, TrainConfig, check_sft_extra
 from sft_exp.train.distributed import trainer_kwargs
 
 # SFTConfig fields sft-exp sets itself (from train.* or from other groups); train.extra may not set them.
@@ -108,3 +110,23 @@ def build_sft_config(run: RunConfig, output_dir: str) -> SFTConfig:
         remove_unused_columns=False,
         **{_trainer_name(k, fields): v for k, v in t.extra.items()},
     )
+
+
+def check_trainer_config(run: RunConfig) -> None:
+    """Build the SFTConfig once, dry, and turn what transformers / TRL refuse into ConfigError naming the key.
+
+    Runs before the run directory exists. Single-process (the DeepSpeed / FSDP fields need a process group and are
+    checked by distributed.*); accelerate's process state the build creates is reset afterwards, so the real run
+    starts from scratch."""
+    dry = dataclasses.replace(run, distributed=dataclasses.replace(run.distributed, strategy=DistStrategy.single))
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            build_sft_config(dry, tmp)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the dry build refuses is about the values given
+            text = " ".join(str(e).split())
+            key = next((f"train.extra.{k}" for k, v in run.train.extra.items() if str(v) in text or k in text), "train")
+            raise ConfigError(f"{key}: transformers refuses it: {text[:400]}. Fix the value") from None
+        finally:
+            reset_accelerate_state()

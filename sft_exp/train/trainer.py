@@ -7,14 +7,19 @@ trained token of the step (all packed sequences, all gradient-accumulation micro
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.trainer_callback import ProgressCallback
+from transformers.utils import logging as hf_logging
 from trl import SFTTrainer
 
 from sft_exp.checkpoints import save_guard
 from sft_exp.compat import trainer_output_dir, trl_eval_metrics
+from sft_exp.train.callbacks.progress import LabelledProgress
 from sft_exp.train.collator import attention_pairs
 from sft_exp.train.distributed import enable_fsdp_on_cpu
 
@@ -40,6 +45,10 @@ class SourceAwareSFTTrainer(SFTTrainer):
         self.on_training_model_ready: Any = None
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         base.register_forward_hook(self._grab_output)
+        self.progress: LabelledProgress | None = None
+        if self.pop_callback(ProgressCallback) is not None:  # tqdm on: the same bars, labelled
+            self.progress = LabelledProgress()
+            self.add_callback(self.progress)
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -55,7 +64,7 @@ class SourceAwareSFTTrainer(SFTTrainer):
         # A failed write (disk full, permissions, ...) stops the run with SaveFailed; the folder gets no marker.
         out = Path(trainer_output_dir(self, trial))
         ckpt = out / f"checkpoint-{self.state.global_step}"
-        with save_guard(f"{ckpt.name} save", ckpt, out):
+        with save_guard(f"{ckpt.name} save", ckpt, out), without_save_progress_bars():
             super()._save_checkpoint(model, trial)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
@@ -101,6 +110,8 @@ class SourceAwareSFTTrainer(SFTTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):  # noqa: ANN001
         self._eval_prefix = metric_key_prefix
+        if self.progress is not None:
+            self.progress.label = metric_key_prefix.replace("_", " ", 1)  # eval_arith -> "eval arith"
         try:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
@@ -129,3 +140,15 @@ class SourceAwareSFTTrainer(SFTTrainer):
             for key in [k for k in m if not k.startswith(f"{name}_")]:
                 m[f"{name}_{key}"] = m.pop(key)
         super().log(logs, start_time)
+
+
+@contextlib.contextmanager
+def without_save_progress_bars() -> Iterator[None]:
+    """No "Writing model shards" bar for every save (transformers' own progress bars; the training bar is another)."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
