@@ -1,9 +1,10 @@
 """Every use of another library's private API, in one place: each with why, and the version it was checked against.
 
 When one of these libraries moves, this file is where it breaks (and the only one to fix). Besides the functions
-below, sft_exp.train.trainer.SourceAwareSFTTrainer overrides three private Trainer hooks (transformers 5.24):
+below, sft_exp.train.trainer.SourceAwareSFTTrainer overrides four private Trainer hooks (transformers 5.24):
 `_save_checkpoint` (a failed write becomes SaveFailed), `_prepare_for_training` (the pre-training eval runs once the
-model is wrapped for training) and `_run_epoch` (a resume at max_steps trains no extra step).
+model is wrapped for training), `_run_epoch` (a resume at max_steps trains no extra step) and
+`_issue_warnings_after_load` (no "missing keys" warning for the tied lm_head on resume).
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ CASES = {
     ),
     "unknown split of local files": (["mixture.sources.arith.split=validation"], "split: 'validation' for local files"),
     "data that is not valid UTF-8": (["mixture.sources.arith.path=@LATIN1"], "line 4 is not valid UTF-8"),
-    "columns differ": (["mixture.sources.arith.columns=[messages]"], "columns differ across sources"),
+    "a column the data lacks": (["mixture.sources.arith.columns=[messages,nope]"], "columns ['nope'] not found"),
     "template without generation markers": (["template.chat_template=@NO_MARKERS"], "no {% generation %} markers"),
     "eos token the tokenizer lacks": (["template.eos_token=nope_token"], "template.eos_token: 'nope_token' is not a"),
     "max_length too small for the header": (["packing.max_length=100"], "too small for the template's header"),

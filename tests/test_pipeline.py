@@ -77,3 +77,33 @@ def test_second_prepare_hits_the_cache_and_gives_the_same_rows(prepared) -> None
     _, first, second = prepared
     assert first.stats.cache["misses"] == 6 and second.stats.cache["hits"] == 6
     assert first.train["input_ids"] == second.train["input_ids"]
+
+
+def test_plain_messages_source_warns_and_takes_its_own_mode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A source without chat_template_kwargs is rendered in the template's default mode, said in a warning naming
+    its share of trained tokens; mixture.sources.<name>.enable_thinking chooses its mode instead (and is keyed). It
+    mixes with sources that carry kwargs."""
+    import json
+
+    from sft_exp.config import ASSETS
+    from sft_exp.data.pipeline import prepare_data
+    from sft_exp.train.model import build_tokenizer
+
+    plain = tmp_path / "units.jsonl"
+    rows = [json.loads(line) for line in (ASSETS / "demo" / "units.jsonl").read_text().splitlines()]
+    plain.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))
+    only = [f"mixture.sources.{n}.weight=0" for n in ("arith", "count", "reverse", "sort", "tools")]
+    base = [*only, f"mixture.sources.units.path={plain}", "mixture.sources.units.columns=null"]
+
+    def think_share(extra: list[str]) -> float:
+        run = to_run_config(compose([*base, *extra]))
+        data = prepare_data(run, build_tokenizer(run), tmp_path / "cache")
+        return data.stats.sources["units"].think_share
+
+    default = think_share([])  # the smollm3 template's default, think, except where a system prompt says /no_think
+    out = capsys.readouterr().out
+    assert "warning: units: its rows carry no chat_template_kwargs.enable_thinking" in out and "100.0%" in out
+    no_think = think_share(["+mixture.sources.units.enable_thinking=false"])
+    assert "warning: units" not in capsys.readouterr().out
+    assert think_share(["+mixture.sources.units.enable_thinking=true"]) == default
+    assert 0.0 < no_think < default  # only the rows whose system prompt carries /think stay in think mode

@@ -29,7 +29,7 @@ from filelock import FileLock
 from sft_exp.config import RunConfig, SourceConfig
 from sft_exp.data import packing as pk
 from sft_exp.data.mixture import select_mixture
-from sft_exp.data.sources import check_same_columns, fingerprint, load_source, row_problem
+from sft_exp.data.sources import fingerprint, load_source, row_problem
 from sft_exp.data.stats import MixtureStats, SourceStats, length_stats, truncation_lines, truncation_report
 from sft_exp.data.template import RenderSpec, encode_conversations, row_kwargs
 from sft_exp.data.template_check import check_template, sample_indices
@@ -470,11 +470,14 @@ def source_spec(spec: RenderSpec, source: SourceConfig) -> RenderSpec:
     return dataclasses.replace(spec, enable_thinking=source.enable_thinking)
 
 
-def default_mode_warnings(run: RunConfig, spec: RenderSpec, sources: list[TokenizedSource]) -> list[str]:
+def default_mode_warnings(
+    run: RunConfig, spec: RenderSpec, sources: list[TokenizedSource], trained_tokens: dict[str, int]
+) -> list[str]:
     """`warning:` lines for sources whose rows carry no enable_thinking, so the template's default mode (think, and
-    the template's system prompt) decides how all of them are rendered, without the user having chosen it."""
+    the template's system prompt) decides how all of them are rendered, without the user having chosen it.
+    `trained_tokens`: each source's selected trained tokens (its share of the mixture is said)."""
     lines = []
-    trained = sum(int(s.trained.sum()) for s in sources) or 1
+    trained = sum(trained_tokens.values()) or 1
     for s in sources:
         cfg = run.mixture.sources[s.name]
         if cfg.enable_thinking is not None or "chat_template_kwargs" in s.columns:
@@ -482,9 +485,9 @@ def default_mode_warnings(run: RunConfig, spec: RenderSpec, sources: list[Tokeni
         mode = "think" if spec.enable_thinking is not False else "no_think"
         lines.append(
             f"warning: {s.name}: its rows carry no chat_template_kwargs.enable_thinking, so all of them "
-            f"({int(s.trained.sum()) / trained:.1%} of the trained tokens) are rendered in the template's default "
-            f"mode ({mode}, with its system prompt). Choose it: mixture.sources.{s.name}.enable_thinking=false "
-            "(no_think) or =true (think)"
+            f"({trained_tokens.get(s.name, 0) / trained:.1%} of the trained tokens) are rendered in the template's "
+            f"default mode ({mode}, with its system prompt). Choose it: mixture.sources.{s.name}.enable_thinking=false"
+            " (no_think) or =true (think)"
         )
     return lines
 
@@ -518,14 +521,11 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path, *, verbose: bo
     if template_check is not None and verbose and is_main_process():
         print(template_check.format(), flush=True)
     sources = [tokenize_source(n, run, source_spec(spec, m_sources[n]), tokenizer, cache_dir) for n in names]
-    for line in default_mode_warnings(run, spec, sources) if verbose and is_main_process() else []:
-        print(line, flush=True)
     t_tok = time.perf_counter() - t0
 
     for src in sources:
         if len(src.lengths) == 0:
             raise DataError(f"mixture.sources.{src.name}: no valid rows left ({src.rows_dropped} dropped)")
-    check_same_columns({s.name: s.columns for s in sources})
     check_header_fits(run, sources)
     m = run.mixture
     trained_rows = {s.name: s.trained for s in sources}
@@ -557,6 +557,9 @@ def prepare_data(run: RunConfig, tokenizer: Any, cache_dir: Path, *, verbose: bo
     train_ds, pstats, lengths, _ = _pack(run, sources, train_sel)
     if m.resample_each_epoch:  # each epoch its own seeded rows (sft_exp/data/mixture.py: take_epoch)
         train_ds.epoch_rows = functools.partial(_epoch_rows, run, sources, selections, len(train_ds))
+    trained_by_source = {name: s.trained_tokens for name, s in per_source.items()}
+    for line in default_mode_warnings(run, spec, sources, trained_by_source) if verbose and is_main_process() else []:
+        print(line, flush=True)
     # overflow is counted per sequence; attribute truncations back to their sources
     over = lengths > run.packing.max_length
     seq_src = np.concatenate([np.full(len(s), i) for i, s in enumerate(train_sel)])

@@ -204,17 +204,6 @@ def to_conversations(name: str, spec: SourceConfig, ds: Any) -> Any:
     return ds.map(convert, batched=True, remove_columns=drop, desc=f"convert {name} ({fmt})")
 
 
-def check_same_columns(columns_by_source: dict[str, list[str]]) -> None:
-    """Columns that differ across sources are an error naming the sources and columns."""
-    cols = {name: tuple(sorted(c)) for name, c in columns_by_source.items()}
-    if len(set(cols.values())) > 1:
-        lines = "; ".join(f"{n}: {list(c)}" for n, c in sorted(cols.items()))
-        raise DataError(
-            f"mixture.sources: columns differ across sources ({lines}). "
-            "Set mixture.sources.<name>.columns to the same list for every source"
-        )
-
-
 def normalize_messages(messages: Any) -> list[dict[str, Any]]:
     """Drop keys whose value is None (Arrow fills missing struct keys with None), as apply_chat_template does."""
     return [{k: v for k, v in m.items() if v is not None} for m in messages]

@@ -511,6 +511,34 @@ def _numeric(values: list[Any]) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values if v is not None)
 
 
+@dataclass
+class _XAxis:
+    """The x axis of a plot against one swept key: numeric (log scale over a wide range) or categories."""
+
+    key: str
+    values: list[Any]
+
+    def __post_init__(self) -> None:
+        self.numeric = _numeric(self.values)
+        self.cats = sorted({str(v) for v in self.values}) if not self.numeric else []
+        self.span = sorted({float(v) for v in self.values if v is not None}) if self.numeric else []
+        wide = bool(self.span) and self.span[0] > 0 and max(self.span) / self.span[0] >= 20
+        self.log_x = wide or (bool(self.span) and self.span[0] > 0 and "learning_rate" in self.key)
+
+    def x_of(self, r: RunRecord) -> float:
+        v = r.swept.get(self.key)
+        return float(v) if self.numeric else float(self.cats.index(str(v)))
+
+    def style(self, ax: Any) -> None:
+        if self.log_x:
+            ax.set_xscale("log")
+        if not self.numeric:
+            ax.set_xticks(range(len(self.cats)), self.cats)
+        elif len(self.span) <= 8 and all(f"{v:.4g}" == _val(v) for v in self.span):  # a grid: tick its values
+            ax.set_xticks(self.span, [_val(v) for v in self.span])
+            ax.minorticks_off()
+
+
 def axis_label(key: str) -> str:
     """The swept key with what its value means."""
     if key.endswith(".weight") and key.startswith("mixture.sources."):
@@ -574,13 +602,8 @@ def plot_vs_key(runs: list[RunRecord], keys: list[str], key: str, objective: str
     import matplotlib.pyplot as plt
 
     done = [r for r in runs if r.eval_after(objective) is not None]
-    values = [r.swept.get(key) for r in done]
-    numeric = _numeric(values)
-    cats = sorted({str(v) for v in values}) if not numeric else []
-
-    def x_of(r: RunRecord) -> float:
-        v = r.swept.get(key)
-        return float(v) if numeric else float(cats.index(str(v)))
+    axis = _XAxis(key, [r.swept.get(key) for r in done])
+    x_of, log_x = axis.x_of, axis.log_x
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
     others = [k for k in keys if k != key]
@@ -611,19 +634,11 @@ def plot_vs_key(runs: list[RunRecord], keys: list[str], key: str, objective: str
         if by_x:
             xs = sorted(by_x)
             ax2.plot(xs, [sum(by_x[x]) / len(by_x[x]) for x in xs], marker="o", lw=1.2, label=src)
-    span = sorted({float(v) for v in values if v is not None}) if numeric else []
-    log_x = bool(span) and span[0] > 0 and (max(span) / span[0] >= 20 or "learning_rate" in key)
     for ax in (ax1, ax2):
         ax.set_xlabel(axis_label(key) + (" (log scale)" if log_x else ""))
         ax.set_ylabel(f"final eval {LOSS_UNIT}")
         ax.grid(alpha=0.3)
-        if log_x:
-            ax.set_xscale("log")
-        if not numeric:
-            ax.set_xticks(range(len(cats)), cats)
-        elif len(span) <= 8 and all(f"{v:.4g}" == _val(v) for v in span):  # a grid: tick exactly its values
-            ax.set_xticks(span, [_val(v) for v in span])
-            ax.minorticks_off()
+        axis.style(ax)
     ax1.set_title(f"Eval loss after training ({'all sources' if objective == 'all' else objective})")
     if not others:
         per_source = "per source"
@@ -655,13 +670,8 @@ def plot_gen_vs_key(runs: list[RunRecord], key: str, title: str, out: Path) -> P
     done = [r for r in runs if r.final.get("eval_generate")]
     if not done:
         return None
-    values = [r.swept.get(key) for r in done]
-    numeric = _numeric(values)
-    cats = sorted({str(v) for v in values}) if not numeric else []
-
-    def x_of(r: RunRecord) -> float:
-        v = r.swept.get(key)
-        return float(v) if numeric else float(cats.index(str(v)))
+    axis = _XAxis(key, [r.swept.get(key) for r in done])
+    x_of, log_x = axis.x_of, axis.log_x
 
     def draw(ax: Any, get: Any, label: str) -> None:
         by_x: dict[float, list[float]] = {}
@@ -681,17 +691,12 @@ def plot_gen_vs_key(runs: list[RunRecord], key: str, title: str, out: Path) -> P
         draw(ax1, lambda r, m=metric: r.gen("all", m), metric)
     for src in gen_sources_of(done):
         draw(ax2, lambda r, s=src: r.gen(s, "score"), src)
-    span = sorted({float(v) for v in values if v is not None}) if numeric else []
-    log_x = bool(span) and span[0] > 0 and (max(span) / span[0] >= 20 or "learning_rate" in key)
     for ax in (ax1, ax2):
         ax.set_xlabel(axis_label(key) + (" (log scale)" if log_x else ""))
         ax.set_ylabel("fraction of generated turns (role_leak: lower is better)")
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
-        if log_x:
-            ax.set_xscale("log")
-        if not numeric:
-            ax.set_xticks(range(len(cats)), cats)
+        axis.style(ax)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     ax1.set_title("Generation after training, all sources (score: mean of each source's main score)")

@@ -8,6 +8,7 @@ trained token of the step (all packed sequences, all gradient-accumulation micro
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,23 @@ class SourceAwareSFTTrainer(SFTTrainer):
         ckpt = out / f"checkpoint-{self.state.global_step}"
         with save_guard(f"{ckpt.name} save", ckpt, out), without_save_progress_bars():
             super()._save_checkpoint(model, trial)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # A checkpoint never holds the weights the model ties (lm_head = the embedding): missing only those is
+        # expected, not worth the "missing keys" warning every resume of a tied model would print.
+        tied = set(getattr(self.accelerator.unwrap_model(self.model), "all_tied_weights_keys", None) or {})
+        missing = set(load_result.missing_keys)
+        if missing and missing <= tied and not load_result.unexpected_keys:
+            self.accelerator.unwrap_model(self.model).tie_weights()
+            return
+        super()._issue_warnings_after_load(load_result)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        # TRL's card names the base only for a hub id ("a fine-tuned version of [None]" for a local folder or a
+        # random init): written only when it can say what was fine-tuned.
+        base = str(getattr(self.model.config, "_name_or_path", "") or "")
+        if base and not os.path.isdir(base):
+            super().create_model_card(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         source_ids = inputs.pop("source_ids", None)
