@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -22,11 +23,17 @@ _MISSING_GROUP = re.compile(r"Could not find '([^'/]+)'")
 def check_composes(conf_dir: Path, config_name: str, argv: list[str]) -> None:
     """Compose `argv`'s overrides as `python launch.py argv` would; raise ConfigError naming the key if that fails.
 
-    Skipped for flags (--cfg, --help, -m: Hydra handles those, and a sweep's points compose per job); overrides of
-    Hydra's own settings (hydra.*) are left to Hydra."""
+    Skipped for flags (--cfg, --help, -m: Hydra handles those) and for sweeps (overrides with sweep syntax, whose
+    points compose per job); overrides of Hydra's own settings (hydra.*) are left to Hydra."""
     if any(a.startswith("-") for a in argv):
         return
     overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/", "hydra="))]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(translate(e, conf_dir)) from None
+    if any(o.is_sweep_override() for o in parsed):  # a sweep (a,b / range / choice): each job composes its own
+        return
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             compose(config_name=config_name, overrides=overrides)
