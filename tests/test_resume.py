@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -357,7 +358,8 @@ def test_a_rank_whose_save_fails_is_reported_without_the_other_ranks_tracebacks(
     quiet = f"[sft-exp] rank 0 stopped after rank 1 failed; see {logs}/rank0.log, {logs}/rank0.error.json"
     assert quiet in r.stderr, r.stderr[-3000:]
     assert "error: a save by rank 1 of 2 failed" in r.stderr and f"resume={run_dir}" in r.stderr.splitlines()[-1]
-    assert "Connection closed by peer" in (logs / "rank0.error.json").read_text()
+    # rank 0 lost its peer; gloo says so as "Connection closed by peer" or "Read error ... reset by peer", by timing
+    assert re.search(r"Connection (closed|reset) by peer|Read error", (logs / "rank0.error.json").read_text())
     assert failed in (logs / "rank1.log").read_text()
     assert not is_complete(run_dir / "checkpoint-1") and not (run_dir / "metrics.json").exists()
 

@@ -32,7 +32,9 @@ from sft_exp.config import ConfigError, RunConfig
 from sft_exp.errors import Interrupted
 from sft_exp.io import write_json
 from sft_exp.launch.job import HydraJob
+from sft_exp.launch.report import console_copied_to, final_summary
 from sft_exp.launch.resume import open_run_dir
+from sft_exp.rundir import RunDir
 from sft_exp.train.callbacks.stop_on_signal import STOP
 
 POLL_S = 1.0
@@ -107,7 +109,12 @@ def run_task(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started:
 
     try:
         # A one-task job prepares in run_rank (rank 0 reports); with several tasks rank 0 prepared above.
-        return run_rank(run_dir, resume_from, started, prepared=prepared, report=world == 1)
+        if env.global_rank != 0:
+            return run_rank(run_dir, resume_from, started, prepared=prepared, report=world == 1)
+        with console_copied_to(RunDir(run_dir).console_log):  # rank 0's output, also in <run dir>/train.log
+            result = run_rank(run_dir, resume_from, started, prepared=prepared, report=world == 1)
+            print(final_summary(run, run_dir, result, job), flush=True)
+        return result
     except SaveFailed as e:
         from sft_exp.launch.local import resume_command
 
