@@ -9,6 +9,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from sft_exp.rundir import shell_word
+
 
 @dataclass
 class HydraJob:
@@ -27,3 +29,9 @@ class HydraJob:
         assert isinstance(raw, dict)
         pattern = f"{raw['sweep']['dir']}/{raw['sweep']['subdir']}" if multirun else str(raw["run"]["dir"])
         return cls(Path(hc.runtime.output_dir), list(hc.overrides.task), pattern, multirun)
+
+    def command(self, *extra: str, drop: tuple[str, ...] = ("resume=",)) -> str:
+        """This job as a shell command to copy and paste: `python launch.py` + its overrides (quoted as needed, those
+        starting with `drop` left out) + `extra`."""
+        words = [shell_word(o) for o in self.overrides if not o.startswith(drop)]
+        return " ".join(["python launch.py", *words, *extra])

@@ -14,15 +14,12 @@ from sft_exp.io import read_json
 from sft_exp.launch.job import HydraJob
 from sft_exp.launch.report import console_copied_to, final_summary
 from sft_exp.launch.resume import open_run_dir
-from sft_exp.rundir import RunDir
+from sft_exp.rundir import RunDir, resume_arg
 
 
 def resume_command(run_dir: Path, job: HydraJob) -> str:
     """The shell command that continues the run: this job's overrides (quoted as needed) + resume=<run dir>."""
-    from sft_exp.rundir import resume_arg, shell_word
-
-    words = [shell_word(o) for o in job.overrides if not o.startswith("resume=")]
-    return " ".join(["python launch.py", *words, resume_arg(run_dir)])
+    return job.command(resume_arg(run_dir))
 
 
 def resume_hint(run_dir: Path, job: HydraJob) -> str:

@@ -14,6 +14,7 @@ from sft_exp.launch.job import HydraJob
 from sft_exp.rundir import RunDir, shell_word
 
 RULE = "=" * 100
+FRESH = ("resume=", "mode=")  # overrides a suggested new command leaves out
 
 
 class _Tee:
@@ -72,11 +73,6 @@ def _change(before: float | None, after: float | None) -> str:
     return f"{before:.4f} -> {after:.4f}{pct}"
 
 
-def _command(job: HydraJob, *extra: str, drop: tuple[str, ...] = ("resume=", "mode=")) -> str:
-    words = [shell_word(o) for o in job.overrides if not o.startswith(drop)]
-    return " ".join(["python launch.py", *words, *extra])
-
-
 def train_summary(run: RunConfig, run_dir: Path, metrics: dict[str, Any], job: HydraJob) -> str:
     """The end of a training run: steps, tokens, speed, eval loss before -> after per source, generation metrics,
     where the model is and how to load it, and the next commands."""
@@ -113,7 +109,7 @@ def train_summary(run: RunConfig, run_dir: Path, metrics: dict[str, Any], job: H
         "next:",
         f"  python -m sft_exp.tools.compare {shell_word(str(run_dir))}   # tables and plots against other runs",
         f"  python -m sft_exp.evaluate {shell_word(str(run_dir))}   # generation eval on held-out rows",
-        f"  {_command(job, 'mode=inspect')}   # the rows as trained: trained tokens highlighted",
+        f"  {job.command('mode=inspect', drop=FRESH)}   # the rows as trained: trained tokens highlighted",
     ]
     if job.multirun:
         sweep = Path(job.output_dir).parent
@@ -134,7 +130,7 @@ def prepare_summary(run_dir: Path, stats: dict[str, Any], job: HydraJob) -> str:
             f"tokens, efficiency {p.get('efficiency', 0.0):.4f}; cache {c.get('hits', 0)} hit / {c.get('misses', 0)} "
             f"miss in {c.get('dir')}",
             f"results:  {RunDir(run_dir).mixture_stats}",
-            f"next:     {_command(job)}   # train on it (the cache makes preparation instant)",
+            f"next:     {job.command(drop=FRESH)}   # train on it (the cache makes preparation instant)",
             RULE,
         ]
     )
@@ -146,7 +142,7 @@ def inspect_summary(run_dir: Path, result: dict[str, Any], job: HydraJob) -> str
             RULE,
             f"inspected: {result.get('rows', '?')} rows; open {RunDir(run_dir).inspect_html} in a browser "
             "(trained tokens highlighted, token ids on hover)",
-            f"next:      {_command(job)}   # train",
+            f"next:      {job.command(drop=FRESH)}   # train",
             RULE,
         ]
     )
