@@ -110,12 +110,16 @@ def main(cfg: DictConfig) -> float | None:
     except (SftExpError, FileNotFoundError) as e:
         close_progress_bars()  # closed at exit otherwise: their last line would come after the error
         fail(e, exit_code_of(e) or 2)
-    if run.sweep.objective.startswith("gen/") and isinstance(metrics, dict):
+    if not isinstance(metrics, dict):
+        return None
+    if run.sweep.objective.startswith("gen/"):
         from sft_exp.eval.scorers import sweeper_value
 
         return sweeper_value(run, metrics)  # a generation metric, negated when higher is better (sweepers minimise)
-    after = metrics.get("eval_loss_after", {}) if isinstance(metrics, dict) else {}
-    return after.get(run.sweep.objective)  # the sweeper's objective: overall or one source's eval loss
+    from sft_exp.eval import objective
+
+    # overall or one source's eval loss; a harness/... score negated when higher is better (sft_exp.eval.objective)
+    return objective.to_minimise(metrics, run.sweep.objective)
 
 
 def refuse_existing_run_dir(argv: list[str]) -> None:

@@ -38,7 +38,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     if a.run is not None:
-        from sft_exp.evaluate import load_trained
+        from sft_exp.eval.saved import load_trained
 
         run, tok, model, _, _ = load_trained(a.run, a.device)
     else:

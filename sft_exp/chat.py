@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from pathlib import Path
 
-    from sft_exp.evaluate import load_trained
+    from sft_exp.eval.saved import load_trained
 
     try:
         run, tokenizer, model, _, model_dir = load_trained(Path(a.path), a.device)

@@ -5,6 +5,7 @@
     python -m sft_exp.evaluate <run> --rows 0 --sources arith,tools           # every held-out row of two sources
     python -m sft_exp.evaluate <run> --data mine=path/to/rows.jsonl --scorer mine=exact_match
     python -m sft_exp.evaluate <run> --scorer arith=regex --scorer-args 'arith={"pattern": "(-?\\d+)\\.?$"}'
+    python -m sft_exp.evaluate <run> --harness sftexp_demo,hellaswag --limit 100   # lm-eval tasks instead
 
 The run's frozen config (run_config.yaml) gives the mixture, the held-out rows (the same rows the run evaluated on,
 unless --test-split-size / --seed draw others; rows the run trained on may then be among them), the scorers and the
@@ -13,6 +14,9 @@ takes): its first --rows valid rows. The model and tokenizer are the ones saved 
 merged/ model when there is one). Output: <dir>/eval_generate.json, or eval_generate-<time>.json beside it when
 that exists (the run's own results are never overwritten), or --out. Exit code 2 on bad input, and when a scorer
 fails (after the results are written).
+
+--harness runs lm-evaluation-harness tasks instead of the generation eval (sft_exp.eval.harness; the run's
+eval.harness settings, these options over them) and writes eval_harness.json the same way.
 """
 
 from __future__ import annotations
@@ -22,70 +26,9 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from sft_exp.errors import ConfigError, SftExpError
-
-
-def locate(path: Path) -> tuple[Path, Path]:
-    """(run directory, model directory) of a run directory or one of its checkpoints.
-
-    Raises:
-        ConfigError: not a run or checkpoint directory, or no model in it (an unfinished run).
-    """
-    path = Path(path)
-    if (path / "run_config.yaml").is_file():
-        run_dir, model_dir = path, path
-        if (path / "merged" / "config.json").is_file():
-            model_dir = path / "merged"
-    elif path.name.startswith("checkpoint-") and (path.parent / "run_config.yaml").is_file():
-        run_dir, model_dir = path.parent, path
-    else:
-        raise ConfigError(
-            f"{path}: neither a sft-exp run directory (no run_config.yaml) nor a checkpoint-N folder of one. "
-            "Give outputs/runs/<date>/<time> or one of its checkpoint-N folders"
-        )
-    if not any((model_dir / f).is_file() for f in ("config.json", "adapter_config.json")):
-        ckpts = sorted(
-            (p for p in run_dir.glob("checkpoint-*") if p.name.rsplit("-", 1)[1].isdigit()),
-            key=lambda p: int(p.name.rsplit("-", 1)[1]),
-        )
-        hint = f"Evaluate a checkpoint instead, e.g. {ckpts[-1]}" if ckpts else "Finish (or resume) the run first"
-        raise ConfigError(f"{model_dir}: no saved model here (the run has not finished). {hint}")
-    return run_dir, model_dir
-
-
-def load_trained(path: Path, device: str | None = None) -> tuple[Any, Any, Any, Path, Path]:
-    """The frozen config, tokenizer and model of a run directory or checkpoint, ready to generate.
-
-    Args:
-        path: a run directory or one of its checkpoint-N folders.
-        device: 'cpu', 'cuda', ...; None: cuda when available, else cpu.
-
-    Returns:
-        (run config, tokenizer, model (eval mode, sdpa attention), run directory, model directory).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sft_exp.config.frozen import load_frozen
-
-    run_dir, model_dir = locate(path)
-    run = load_frozen(run_dir)
-    saved = [d for d in (model_dir, run_dir) if (d / "tokenizer_config.json").is_file()]
-    if saved:  # the tokenizer as the run saved it (its chat template and end-of-turn token included)
-        tokenizer = AutoTokenizer.from_pretrained(str(saved[0]))
-    else:  # a checkpoint saved without it: rebuilt from the run's config, as the run built it
-        from sft_exp.train.model import build_tokenizer
-
-        tokenizer = build_tokenizer(run)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, run.model.dtype.value) if device != "cpu" else torch.float32  # bf16 is slow on CPUs
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=dtype, attn_implementation="sdpa", trust_remote_code=run.model.trust_remote_code
-    )
-    model.to(device).eval()
-    return run, tokenizer, model, run_dir, model_dir
+from sft_exp.eval.saved import load_trained, locate
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -98,11 +41,11 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
     return out
 
 
-def _out_path(model_dir: Path, out: Path | None) -> Path:
+def _out_path(model_dir: Path, out: Path | None, stem: str = "eval_generate") -> Path:
     if out is not None:
         return out
-    default = model_dir / "eval_generate.json"
-    return default if not default.exists() else model_dir / f"eval_generate-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    default = model_dir / f"{stem}.json"
+    return default if not default.exists() else model_dir / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,12 +69,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, help="rows per source whose generations are kept in the output")
     ap.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     ap.add_argument("--out", type=Path, help="output file (default: <dir>/eval_generate.json, never overwritten)")
+    ap.add_argument("--harness", metavar="TASKS", help="comma-separated lm-eval tasks/groups/tags, run instead")
+    ap.add_argument("--limit", type=float, help="--harness: examples per task (or a share < 1)")
+    ap.add_argument("--num-fewshot", type=int, help="--harness: few-shot examples")
+    ap.add_argument("--include-path", action="append", default=[], help="--harness: a folder of task YAMLs")
     a = ap.parse_args(argv)
     try:
-        return _evaluate(a)
+        return _harness(a) if a.harness else _evaluate(a)
     except (SftExpError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _harness(a: argparse.Namespace) -> int:
+    """--harness: lm-eval's tasks on the saved model, with the run's eval.harness settings and these options."""
+    from sft_exp.config.frozen import load_frozen
+    from sft_exp.config.schema import validate_harness
+    from sft_exp.eval import harness
+    from sft_exp.io import write_json
+
+    run = load_frozen(locate(a.path)[0])
+    h = run.eval.harness
+    h.tasks = [t.strip() for t in a.harness.split(",") if t.strip()]
+    h.include_path = [*h.include_path, *a.include_path]
+    for key in ("limit", "num_fewshot", "batch_size"):
+        if getattr(a, key, None) is not None:
+            setattr(h, key, getattr(a, key))
+    validate_harness(run)
+    tm = harness.check_tasks(h)  # before the model loads: a typo fails in a second
+    _, tokenizer, model, _, model_dir = load_trained(a.path, a.device)
+    res = harness.evaluate(model, tokenizer, h, tm)
+    res["model"] = str(model_dir)
+    out = _out_path(model_dir, a.out, "eval_harness")
+    write_json(out, res)
+    print(harness.format_table(res))
+    print(f"wrote {out}")
+    return 0
 
 
 def _evaluate(a: argparse.Namespace) -> int:

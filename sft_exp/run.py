@@ -72,6 +72,10 @@ def execute(
         metrics = run_training(
             run, model, tokenizer, data, run_dir, tracker=tracker, args=args, resume_from=resume_from
         )
+        del model  # eval.harness reloads the saved model (rank 0; {} when off): sft_exp.eval.harness
+        from sft_exp.eval.harness import after_training
+
+        metrics.update(after_training(run, run_dir, tracker, metrics["global_steps"]))
     except BaseException:
         try:
             tracker.finish(exit_code=1)  # the tracked run ends as failed instead of hanging "running"
@@ -81,8 +85,9 @@ def execute(
     metrics["wall_seconds"] = round(time.time() - started, 2)
     if is_main_process():
         write_json(RunDir(run_dir).metrics, metrics)  # written last: its presence marks a finished run
-    tracker.finish(metrics, exit_code=1 if metrics.get("eval_generate_error") else 0)
+    failed = metrics.get("eval_generate_error") or metrics.get("eval_harness_error")
+    tracker.finish(metrics, exit_code=1 if failed else 0)
     from sft_exp.eval.hooks import raise_after_save
 
-    raise_after_save(metrics, run_dir)  # a generation eval that failed after training: reported now, nothing lost
+    raise_after_save(metrics, run_dir)  # a generation / harness eval that failed after training: nothing lost
     return metrics

@@ -39,6 +39,7 @@ class RunDir:
     inspect_html = property(lambda self: self.path / "inspect.html")
     console_log = property(lambda self: self.path / "train.log")  # the whole console output of rank 0
     eval_generate = property(lambda self: self.path / "eval_generate.json")
+    eval_harness = property(lambda self: self.path / "eval_harness.json")
     logs = property(lambda self: self.path / "logs")
 
     def rank_log(self, rank: int) -> Path:

@@ -68,6 +68,20 @@ CASES = {
         ["eval.generate.enabled=true", "mixture.sources.arith.scorer=nope"],
         "mixture.sources.arith.scorer",
     ),
+    # eval.harness: checked before the run directory exists (the task names by lm-eval's own index)
+    "harness task that does not exist": (["eval.harness.tasks=[sftexp_cuont]"], "(close: sftexp_count"),
+    "harness include path that does not exist": (
+        ["eval.harness.tasks=[sftexp_demo]", "eval.harness.include_path=[/nope/tasks]"],
+        "eval.harness.include_path[0]: '/nope/tasks' is not a folder",
+    ),
+    "harness objective without harness tasks": (
+        ["sweep.objective=harness/sftexp_count/exact_match"],
+        "sweep.objective: 'harness/sftexp_count/exact_match' is a harness score but eval.harness.tasks is empty",
+    ),
+    "harness argument lm-eval does not take": (
+        ["eval.harness.tasks=[sftexp_demo]", "+eval.harness.extra.bootstrap=5"],
+        "eval.harness.extra.bootstrap: is not an argument of lm_eval.simple_evaluate",
+    ),
     # the machine: devices, kernels, packages (sft_exp.config.preflight)
     "more processes than devices": (
         ["distributed=ddp", "distributed.processes_per_node=64"],

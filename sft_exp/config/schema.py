@@ -374,8 +374,36 @@ class GenerateConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """Benchmarks through EleutherAI's lm-evaluation-harness on the final model, after training, in the same job
+    (sft_exp/eval/harness.py; pip install 'sft-exp[harness]'). Scores: <run_dir>/eval_harness.json, metrics.json's
+    `eval_harness` block (task -> metric -> value), the tracker, the sweep index, compare, sweep.objective."""
+
+    # lm-eval task, group or tag names; [] (the default) runs nothing. e.g. [sftexp_demo] (shipped, offline),
+    # [hellaswag,arc_easy] (hub datasets: on an offline cluster, pre-download them or define local tasks).
+    tasks: list[str] = field(default_factory=list)
+    # Folders of local task YAMLs (dataset_path: json + data_files: the way offline clusters run it), searched
+    # before lm-eval's own tasks. The shipped demo tasks (sft_exp/assets/harness) are always included.
+    include_path: list[str] = field(default_factory=list)
+    limit: float | None = None  # examples per task (>= 1), or a share of each task (< 1); null: every example
+    num_fewshot: int | None = None  # null: each task's own default
+    batch_size: int = 16
+    # Prompts through the run's chat template, as the model was trained: what an SFT model is scored on. false:
+    # raw text, how base-model leaderboards score (and what most published few-shot numbers assume).
+    apply_chat_template: bool = True
+    # The template's reasoning mode for harness prompts: null keeps the template's default (SmolLM3: think).
+    enable_thinking: bool | None = None
+    # A reply is scored on what follows this marker (the thinking is cut off); null scores the whole reply.
+    think_end_token: str | None = "</think>"
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)  # generate_until tasks, e.g. {max_gen_toks: 256}
+    samples: int = 3  # examples per task whose prompt, target and reply go into eval_harness.json
+    extra: dict[str, Any] = field(default_factory=dict)  # any other lm_eval.simple_evaluate argument
+
+
+@dataclass
 class EvalConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
 
 
 @dataclass
@@ -561,6 +589,56 @@ def validate(cfg: RunConfig) -> None:
     validate_distributed_and_resume(cfg)
     validate_peft(cfg)
     validate_generation(cfg)
+    validate_harness(cfg)
+
+
+def validate_harness(cfg: RunConfig) -> None:
+    """eval.harness.*: values, the lm-eval package, the include paths, a harness/... sweep objective. The task names
+    are resolved later, before the run directory exists (sft_exp.eval.harness.check_tasks: it indexes lm-eval's
+    thousands of task files, seconds)."""
+    import importlib.util
+    import inspect
+
+    h = cfg.eval.harness
+    objective = cfg.sweep.objective
+    if objective.startswith("harness/"):
+        parts = objective.split("/", 2)
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            _fail(
+                "sweep.objective", f"'{objective}' is not harness/<task>/<metric>", "e.g. harness/sftexp_arith_mc/acc"
+            )
+        if not h.tasks:
+            _fail("sweep.objective", f"'{objective}' is a harness score but eval.harness.tasks is empty",
+                  f"Set eval.harness.tasks=[{parts[1]}]")  # fmt: skip
+    if not h.tasks:
+        return
+    if any(not isinstance(t, str) or not t.strip() for t in h.tasks):
+        _fail("eval.harness.tasks", f"holds an empty name: {list(h.tasks)}", "e.g. eval.harness.tasks=[sftexp_demo]")
+    if importlib.util.find_spec("lm_eval") is None:
+        _fail("eval.harness.tasks", "needs EleutherAI's lm-evaluation-harness, which is not installed",
+              "pip install 'sft-exp[harness]' (or pip install lm-eval), or eval.harness.tasks=[]")  # fmt: skip
+    for i, p in enumerate(h.include_path):
+        if not os.path.isdir(p):
+            _fail(f"eval.harness.include_path[{i}]", f"'{p}' is not a folder", "Point it at a folder of task YAMLs")
+    if h.limit is not None and not h.limit > 0:
+        _fail("eval.harness.limit", f"must be > 0 (a count, or a share < 1), got {h.limit}", "or null for all")
+    if h.limit is not None and h.limit > 1 and h.limit != int(h.limit):
+        _fail("eval.harness.limit", f"{h.limit} is neither a whole count nor a share < 1", "e.g. 100 or 0.1")
+    if h.num_fewshot is not None and h.num_fewshot < 0:
+        _fail("eval.harness.num_fewshot", f"must be >= 0, got {h.num_fewshot}", "")
+    for key in ("batch_size",):
+        if getattr(h, key) < 1:
+            _fail(f"eval.harness.{key}", f"must be >= 1, got {getattr(h, key)}", "")
+    if h.samples < 0:
+        _fail("eval.harness.samples", f"must be >= 0, got {h.samples}", "")
+    if h.extra:
+        from lm_eval import simple_evaluate
+
+        allowed = set(inspect.signature(simple_evaluate).parameters) - {"model", "model_args", "tasks", "task_manager"}
+        for key in h.extra:
+            if key not in allowed:
+                _fail(f"eval.harness.extra.{key}", "is not an argument of lm_eval.simple_evaluate",
+                      f"Use one of {sorted(allowed)}")  # fmt: skip
 
 
 def validate_generation(cfg: RunConfig) -> None:
@@ -798,12 +876,15 @@ def validate_tracking_and_sweep(cfg: RunConfig) -> None:
             f"Use tracking={sorted(clash - {'all'})[0] if clash - {'all'} else 'wandb'} and train.report_to=[none]",
         )
     names = set(cfg.mixture.sources)
-    gen = cfg.sweep.objective.startswith("gen/")  # a generation metric: checked by validate_generation
-    if cfg.sweep.objective != "all" and cfg.sweep.objective not in names and not gen:
+    # a generation metric or a harness score: checked by validate_generation / validate_harness
+    scored = cfg.sweep.objective.startswith(("gen/", "harness/"))
+    if cfg.sweep.objective != "all" and cfg.sweep.objective not in names and not scored:
         _fail(
             "sweep.objective",
-            f"'{cfg.sweep.objective}' is neither 'all' nor a source of the mixture, nor gen/<source or all>/<metric>",
-            f"Use all, one of {sorted(names)}, or e.g. gen/all/score (with eval.generate.enabled=true)",
+            f"'{cfg.sweep.objective}' is neither 'all' nor a source of the mixture, nor gen/<source or all>/<metric> "
+            "nor harness/<task>/<metric>",
+            f"Use all, one of {sorted(names)}, e.g. gen/all/score (with eval.generate.enabled=true) or "
+            "harness/sftexp_arith_mc/acc (with eval.harness.tasks=[sftexp_demo])",
         )
 
 

@@ -136,6 +136,16 @@ def raise_after_save(metrics: dict[str, Any], run_dir: Path) -> None:
             f"{error}. The trained model and metrics.json are kept in {run_dir}; fix the scorer and evaluate again "
             f"with: python -m sft_exp.evaluate {run_dir}"
         )
+    error = metrics.get("eval_harness_error")
+    if error:
+        from sft_exp.config.frozen import load_frozen
+        from sft_exp.eval.harness import HarnessError
+
+        tasks = ",".join(load_frozen(run_dir).eval.harness.tasks)
+        raise HarnessError(
+            f"{error}. The trained model and metrics.json are kept in {run_dir}; fix the task and evaluate again "
+            f"with: python -m sft_exp.evaluate {run_dir} --harness {tasks}"
+        )
 
 
 def _checkpoint_step(path: Path) -> int:

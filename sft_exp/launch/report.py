@@ -98,6 +98,19 @@ def train_summary(run: RunConfig, run_dir: Path, metrics: dict[str, Any], job: H
         lines.append(f"  per source and per think/no_think mode: {rd.eval_generate}")
     if metrics.get("eval_generate_error"):
         lines.append(f"generation eval failed: {metrics['eval_generate_error']}")
+    harness = metrics.get("eval_harness") or {}
+    if harness:
+        up = metrics.get("eval_harness_higher_is_better") or {}
+        lines.append(f"lm-eval scores after training ({metrics.get('eval_harness_seconds', 0):.0f} s):")
+        width = max(len(f"{t}/{m}") for t, ms in harness.items() for m in ms)
+        for task, ms in harness.items():
+            for m, v in ms.items():
+                better = (up.get(task) or {}).get(m)
+                arrow = "" if better is None else "  (higher is better)" if better else "  (lower is better)"
+                lines.append(f"  {f'{task}/{m}'.ljust(width)}  {_num(v)}{arrow}")
+        lines.append(f"  prompts, replies and lm-eval's task configs: {rd.eval_harness}")
+    if metrics.get("eval_harness_error"):
+        lines.append(f"lm-eval failed: {metrics['eval_harness_error']}")
     peft = metrics.get("peft") or {}
     model_dir = peft.get("merged_dir") or str(run_dir)
     how = "PeftModel adapter" if peft and not peft.get("merged_dir") else "model"

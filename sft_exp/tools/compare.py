@@ -11,7 +11,8 @@ for `--objective all` or a source name; best generation metric for `--objective 
 its direction) is marked. Plots: loss_curves.png (train loss and eval loss against the optimizer step, runs
 overlaid) and, for each swept key, final_eval_vs_<key>.png (final eval loss against the swept value; overall and
 per source) and final_gen_vs_<key>.png (generation metrics against the swept value: overall, and each source's main
-score).
+score), and with eval.harness, each lm-eval score (<task>.<metric> columns, final_harness_vs_<key>.png;
+`--objective harness/<task>/<metric>`).
 
 Swept keys come from the sweep index (what the command line or the sweeper varied); for loose run directories they
 are the config keys whose resolved values differ between the runs.
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_exp.config.naming import NOT_EXPERIMENT_KEY, compact, short_key
+from sft_exp.eval import objective as objective_mod
 from sft_exp.io import read_json
 from sft_exp.rundir import RunDir, resume_arg
 from sft_exp.tools.sweep_index import INDEX, load_index
@@ -72,11 +73,9 @@ class RunRecord:
         return float(v) if isinstance(v, (int, float)) else None
 
     def objective(self, objective: str) -> float | None:
-        """The raw value of an objective: gen/<source or all>/<metric>, or the eval loss of `all` / a source."""
-        if objective.startswith("gen/"):
-            _, source, metric = (objective.split("/", 2) + ["", ""])[:3]
-            return self.gen(source, metric)
-        return self.eval_after(objective)
+        """The raw value of an objective (sft_exp.eval.objective): the eval loss of `all` / a source, gen/... or
+        harness/..."""
+        return objective_mod.value(self.final, objective)
 
 
 # ------------------------------------------------------------------------------------------------------ local runs
@@ -356,6 +355,11 @@ def run_from_wandb(
         src, _, metric = k.partition("/")
         gen.setdefault(src, {})[metric] = v
     final["eval_generate"] = gen
+    harness: dict[str, dict[str, float]] = {}
+    for k, v in section("final/harness/").items():  # <task>/<metric> -> eval_harness block
+        task, _, metric = k.partition("/")
+        harness.setdefault(task, {})[metric] = v
+    final["eval_harness"] = harness
     final = {k: v for k, v in final.items() if v not in ({}, None)}
     swept_keys = config.get("sweep.swept") or []
     train, evals = curves_from_history(history, final, step_key="train/global_step", prefix="train/")
@@ -415,15 +419,8 @@ GEN_COLUMNS += (("gen_think_ok_no_think", "think_ok/no_think"), ("gen_role_leak"
 
 def best_run(runs: list[RunRecord], objective: str) -> RunRecord | None:
     """The run with the lowest eval loss, or the best generation metric in its direction."""
-    scored = [r for r in runs if r.objective(objective) is not None and math.isfinite(r.objective(objective))]
-    if not scored:
-        return None
-    if objective.startswith("gen/"):
-        from sft_exp.eval.scorers import metric_direction
-
-        if metric_direction(objective.split("/", 2)[-1]) == "maximize":
-            return max(scored, key=lambda r: r.objective(objective))  # type: ignore[arg-type,return-value]
-    return min(scored, key=lambda r: r.objective(objective))  # type: ignore[arg-type,return-value]
+    scored = [(r, v) for r in runs if (v := r.objective(objective)) is not None]
+    return objective_mod.best(scored, objective, scored[0][0].final if scored else None)
 
 
 def table(runs: list[RunRecord], keys: list[str], objective: str) -> tuple[list[str], list[list[Any]]]:
@@ -436,6 +433,8 @@ def table(runs: list[RunRecord], keys: list[str], objective: str) -> tuple[list[
     has_gen = any(r.final.get("eval_generate") for r in runs)
     if has_gen:
         header += [c for c, _ in GEN_COLUMNS] + [f"gen_{s}" for s in gen_sources]
+    harness = harness_columns(runs)
+    header += [f"{t}.{m}" for t, m in harness]
     header += ["tokens_per_s", "wall_s", "best"]
     rows = []
     for r in runs:
@@ -450,6 +449,7 @@ def table(runs: list[RunRecord], keys: list[str], objective: str) -> tuple[list[
                 r.eval_after("all"),
                 *["" if s not in (f.get("eval_loss_after") or {s: None}) else r.eval_after(s) for s in sources],
                 *([r.gen("all", m) for _, m in GEN_COLUMNS] + [r.gen(s) for s in gen_sources] if has_gen else []),
+                *[r.objective(f"harness/{t}/{m}") for t, m in harness],
                 f.get("train_tokens_per_second"),
                 f.get("wall_seconds"),
                 "*" if r is best else "",
@@ -671,20 +671,10 @@ def plot_gen_vs_key(runs: list[RunRecord], key: str, title: str, out: Path) -> P
     if not done:
         return None
     axis = _XAxis(key, [r.swept.get(key) for r in done])
-    x_of, log_x = axis.x_of, axis.log_x
+    log_x = axis.log_x
 
     def draw(ax: Any, get: Any, label: str) -> None:
-        by_x: dict[float, list[float]] = {}
-        for r in done:
-            v = get(r)
-            if v is not None:
-                by_x.setdefault(x_of(r), []).append(v)
-        if not by_x:
-            return
-        xs = sorted(by_x)
-        line = ax.plot(xs, [sum(by_x[x]) / len(by_x[x]) for x in xs], marker="o", lw=1.2, label=label)[0]
-        pts = [(x, v) for x in xs for v in by_x[x]]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, color=line.get_color(), alpha=0.5)
+        _draw_vs(ax, done, axis.x_of, get, label)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
     for _column, metric in GEN_COLUMNS:
@@ -708,21 +698,63 @@ def plot_gen_vs_key(runs: list[RunRecord], key: str, title: str, out: Path) -> P
     return path
 
 
+def _draw_vs(ax: Any, runs: list[RunRecord], x_of: Any, get: Any, label: str) -> None:
+    """One metric against a swept value: a point per run, the mean per value joined by a line."""
+    by_x: dict[float, list[float]] = {}
+    for r in runs:
+        v = get(r)
+        if v is not None:
+            by_x.setdefault(x_of(r), []).append(v)
+    if not by_x:
+        return
+    xs = sorted(by_x)
+    line = ax.plot(xs, [sum(by_x[x]) / len(by_x[x]) for x in xs], marker="o", lw=1.2, label=label)[0]
+    pts = [(x, v) for x in xs for v in by_x[x]]
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, color=line.get_color(), alpha=0.5)
+
+
+def harness_columns(runs: list[RunRecord]) -> list[tuple[str, str]]:
+    """(task, metric) of every lm-eval score any run reports (eval.harness), in first-seen order."""
+    cols: list[tuple[str, str]] = []
+    for r in runs:
+        for task, metrics in (r.final.get("eval_harness") or {}).items():
+            cols += [(task, m) for m in metrics if (task, m) not in cols]
+    return cols
+
+
+def plot_harness_vs_key(runs: list[RunRecord], key: str, title: str, out: Path) -> Path | None:
+    """Every lm-eval score (eval.harness) after training against one swept value; None when no run has one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in runs if r.final.get("eval_harness")]
+    if not done:
+        return None
+    axis = _XAxis(key, [r.swept.get(key) for r in done])
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    for task, metric in harness_columns(done):
+        _draw_vs(ax, done, axis.x_of, lambda r, t=task, m=metric: r.objective(f"harness/{t}/{m}"), f"{task}/{metric}")
+    ax.set_xlabel(axis_label(key) + (" (log scale)" if axis.log_x else ""))
+    ax.set_ylabel("score (each metric in its own direction)")
+    ax.grid(alpha=0.3)
+    axis.style(ax)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.suptitle(f"lm-eval scores vs {key}: {title}", fontsize=13)
+    path = out / f"final_harness_vs_{_safe(key)}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _shown(path: str, out: Path) -> str:
     """A run's path as compare.md shows it: relative to the report when the run lies beneath it."""
     try:
         return str(Path(path).resolve().relative_to(out.resolve()))
     except ValueError:
         return path
-
-
-def _objective_words(objective: str) -> str:
-    if objective.startswith("gen/"):
-        from sft_exp.eval.scorers import metric_direction
-
-        return f"generation metric `{objective}` after training ({metric_direction(objective.split('/', 2)[-1])}d)"
-    where = "all sources (trained-token weighted)" if objective == "all" else f"source `{objective}`"
-    return f"eval loss after training, {where}"
 
 
 def write_report(
@@ -746,22 +778,23 @@ def write_report(
     images: list[Path] = []
     if plots and runs:
         images.append(plot_curves(runs, objective, title, out))
-        loss_objective = "all" if objective.startswith("gen/") else objective
+        loss_objective = "all" if objective.startswith(objective_mod.SCORED) else objective
         for k in keys:
             if any(r.eval_after(loss_objective) is not None for r in runs):
                 images.append(plot_vs_key(runs, keys, k, loss_objective, title, out))
-            gen_plot = plot_gen_vs_key(runs, k, title, out)
-            if gen_plot is not None:
-                images.append(gen_plot)
+            for plot in (plot_gen_vs_key, plot_harness_vs_key):
+                image = plot(runs, k, title, out)
+                if image is not None:
+                    images.append(image)
     best = best_run(runs, objective)
     md = [
         f"# Comparison: {title}",
         "",
         f"{len(runs)} runs; swept: {', '.join(f'`{k}`' for k in keys) or 'nothing'}; objective: "
-        + _objective_words(objective)
+        + objective_mod.words(objective)
         + ".",
         "",
-        f"Best: **{best.label}** ({objective} {'' if objective.startswith('gen/') else 'eval loss '}"
+        f"Best: **{best.label}** ({objective} {'' if objective.startswith(objective_mod.SCORED) else 'eval loss '}"
         f"{best.objective(objective):.4f}, `{_shown(best.path, out)}`)"
         if best
         else "No run has finished with an eval loss yet.",
@@ -791,7 +824,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="where compare.md/.csv and the PNGs go (default: the sweep directory "
                     "when one is given, else ./compare)")  # fmt: skip
     ap.add_argument("--objective", default="all", help="picks the best run: eval loss of all or a source name, or a "
-                    "generation metric gen/<source or all>/<metric> (e.g. gen/all/score)")  # fmt: skip
+                    "generation metric gen/<source or all>/<metric> (e.g. gen/all/score), or an lm-eval score "
+                    "harness/<task>/<metric>")  # fmt: skip
     ap.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B's API instead of directories")
     ap.add_argument("--group", help="with --wandb: only this group (a sweep: <date>/<time> of its directory)")
     ap.add_argument("--no-plots", action="store_true")
@@ -810,12 +844,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no finished runs found" if notes else "error: no runs found", file=sys.stderr)
         return 2
     names = sources_of(runs)
-    if a.objective != "all" and a.objective not in names and not a.objective.startswith("gen/"):
+    if a.objective != "all" and a.objective not in names and not a.objective.startswith(objective_mod.SCORED):
         print(f"error: --objective {a.objective} is neither 'all' nor a source ({', '.join(names)})", file=sys.stderr)
         return 2
     out = a.out or (a.paths[0] if len(a.paths) == 1 and (a.paths[0] / INDEX).exists() else Path("compare"))
     header, rows = table(runs, keys, a.objective)
-    shown = a.objective if a.objective.startswith("gen/") else f"eval_loss_after.{a.objective}"
+    shown = objective_mod.label(a.objective)
     print(f"{title}: {len(runs)} runs, objective {shown} (* = best)")
     print(format_text(header, rows))
     written = write_report(runs, keys, a.objective, title, out, plots=not a.no_plots, notes=notes)

@@ -1,6 +1,6 @@
 """Close the mixture loop (RegMix-style): fit a sweep of random mixtures, learn each source's effect, propose mixtures.
 
-    python -m sft_exp.mixsearch <sweep dir> [--objective all|<source>|gen/<source>/<metric>] [--propose K] [--out DIR]
+    python -m sft_exp.mixsearch <sweep dir> [--objective all|<source>|gen/...|harness/...] [--propose K] [--out DIR]
 
 Inputs, per finished run of the sweep index (sft_exp/tools/sweep_index.py): the realised share of trained tokens of
 each source (its mixture_stats.json, not the requested weights) and the objective (eval loss after training, overall
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from sft_exp.errors import SftExpError
+from sft_exp.eval import objective as objective_mod
 from sft_exp.io import read_json, write_json
 from sft_exp.rundir import SWEEP_INDEX, RunDir
 
@@ -66,23 +67,9 @@ class Study:
 
 
 # ------------------------------------------------------------------------------------------------------ reading
-def _objective_value(final: dict[str, Any], objective: str) -> float | None:
-    if objective.startswith("gen/"):
-        from sft_exp.eval.scorers import objective_value
-
-        v = objective_value(final.get("eval_generate") or {}, objective)
-    else:
-        v = (final.get("eval_loss_after") or {}).get(objective)
-    return float(v) if isinstance(v, (int, float)) and np.isfinite(v) else None
-
-
-def direction_of(objective: str) -> str:
-    """minimize for an eval loss; a generation metric's own direction (sft_exp.eval.scorers.metric_direction)."""
-    if objective.startswith("gen/"):
-        from sft_exp.eval.scorers import metric_direction
-
-        return metric_direction(objective.split("/", 2)[-1])
-    return "minimize"
+def direction_of(objective: str, final: dict[str, Any] | None = None) -> str:
+    """minimize for an eval loss; a generation metric's or harness score's own direction (sft_exp.eval.objective)."""
+    return objective_mod.direction(objective, final)
 
 
 def _frozen_search(run_dir: Path) -> dict[str, Any]:
@@ -136,8 +123,9 @@ def load_study(sweep_dir: str | Path, objective: str | None = None) -> Study:
         final = e.get("final") or {}
         metrics = read_json(RunDir(rd).metrics)
         if isinstance(metrics, dict):  # the whole metrics.json: eval_generate may be newer than the index entry
-            final = {**final, **{k: metrics[k] for k in ("eval_loss_after", "eval_generate") if k in metrics}}
-        value = _objective_value(final, objective)
+            keys = ("eval_loss_after", "eval_generate", "eval_harness", "eval_harness_higher_is_better")
+            final = {**final, **{k: metrics[k] for k in keys if k in metrics}}
+        value = objective_mod.value(final, objective)
         if value is None:
             skipped[key] = f"objective {objective} not recorded"
             continue
@@ -171,8 +159,9 @@ def load_study(sweep_dir: str | Path, objective: str | None = None) -> Study:
         recorded = sorted({k for e in finished.values() for k in (e.get("final") or {}).get("eval_loss_after") or {}})
         raise MixSearchError(
             f"{d}: no finished run recorded the objective '{objective}'. Eval losses recorded: {recorded or 'none'}; "
-            "generation metrics (gen/<source>/<metric>) need eval.generate.enabled=true in the sweep. Pass "
-            "--objective all, --objective <source> or a recorded gen/... metric"
+            "generation metrics (gen/<source>/<metric>) need eval.generate.enabled=true in the sweep, harness scores "
+            "(harness/<task>/<metric>) eval.harness.tasks. Pass --objective all, --objective <source> or a recorded "
+            "gen/... or harness/... metric"
         )
     sources = seen[next(iter(seen))]
     X = np.array([[r[n] for n in sources] for r in rows], dtype=float)
@@ -180,7 +169,7 @@ def load_study(sweep_dir: str | Path, objective: str | None = None) -> Study:
     search = next((s for s in searches.values() if s), {})
     overrides = [o for o in index.get("overrides", []) if not o.lstrip("+~").startswith(SKIP_OVERRIDES)]
     return Study(
-        d, objective, direction_of(objective), sources, X, np.array(ys, dtype=float), names,
+        d, objective, direction_of(objective, final), sources, X, np.array(ys, dtype=float), names,
         {"weighting": b[0], "total_tokens": b[1], "total_rows": b[2]}, search, overrides, skipped,
     )  # fmt: skip
 
@@ -542,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     """The CLI (sft_exp/mixsearch.py). Exit 0: proposals written; 1: fit not usable; 2: bad input."""
     ap = argparse.ArgumentParser(prog="python -m sft_exp.mixsearch", description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep_dir")
-    ap.add_argument("--objective", default=None, help="all | <source> | gen/<source|all>/<metric> (default: sweep's)")
+    ap.add_argument("--objective", default=None, help="all | <source> | gen/<source|all>/<metric> | "
+                    "harness/<task>/<metric> (default: the sweep's)")  # fmt: skip
     ap.add_argument("--propose", type=int, default=3, metavar="K", help="how many mixtures to propose (default 3)")
     ap.add_argument("--out", default=None, help="output folder (default <sweep dir>/mixsearch)")
     args = ap.parse_args(argv)

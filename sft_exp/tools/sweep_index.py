@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from sft_exp.config.naming import compact, short_key
+from sft_exp.eval.objective import label as objective_label
+from sft_exp.eval.objective import value as objective_value
 from sft_exp.io import read_json, write_json
 from sft_exp.rundir import SWEEP_INDEX, RunDir
 
@@ -36,6 +38,7 @@ INDEX = SWEEP_INDEX
 FINAL_KEYS = ("eval_loss_after", "eval_loss_before", "train_loss_last", "train_loss_mean", "global_steps")
 FINAL_KEYS += ("train_tokens_per_second", "packing_efficiency", "wall_seconds", "mfu")
 FINAL_KEYS += ("eval_generate", "eval_generate_error")  # eval.generate: source -> metric -> value, and all
+FINAL_KEYS += ("eval_harness", "eval_harness_higher_is_better", "eval_harness_error")  # eval.harness: task -> metric
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -61,33 +64,13 @@ def group_name(sweep_dir: Path) -> str:
     return "/".join(sweep_dir.resolve().parts[-2:])
 
 
-def _objective_of(final: dict[str, Any], objective: str) -> float | None:
-    """The objective's raw value: an eval loss after training, or a generation metric (gen/<source>/<metric>)."""
-    if objective.startswith("gen/"):
-        from sft_exp.eval.scorers import objective_value
-
-        v = objective_value(final.get("eval_generate") or {}, objective)
-        return float(v) if isinstance(v, (int, float)) else None
-    v = (final.get("eval_loss_after") or {}).get(objective)
-    return float(v) if isinstance(v, (int, float)) else None
-
-
-def _objective_label(objective: str) -> str:
-    """eval_loss_after.<source> for a loss objective; a gen/... objective with its direction."""
-    if objective.startswith("gen/"):
-        from sft_exp.eval.scorers import metric_direction
-
-        return f"{objective} ({metric_direction(objective.split('/', 2)[-1])[:3]})"
-    return f"eval_loss_after.{objective}"
-
-
 def final_metrics(run_dir: Path, objective: str = "all") -> dict[str, Any] | None:
     """The compact final metrics of a finished run (None if metrics.json is absent: not finished)."""
     m = read_json(RunDir(run_dir).metrics)
     if not isinstance(m, dict):
         return None
     final = {k: m[k] for k in FINAL_KEYS if k in m}
-    final["objective"] = _objective_of(final, objective)
+    final["objective"] = objective_value(final, objective)
     return final
 
 
@@ -257,7 +240,7 @@ def format_index(data: dict[str, Any]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
     lines = [
         f"sweep {data.get('sweep_dir', '?')}: {len(runs)} runs, status {data.get('status', '?')}, "
-        f"objective {_objective_label(data.get('objective', 'all'))}",
+        f"objective {objective_label(data.get('objective', 'all'))}",
         "  ".join(h.ljust(w) for h, w in zip(header, widths)),
         "  ".join("-" * w for w in widths),
     ]

@@ -129,6 +129,9 @@ def final_summary(metrics: dict[str, Any]) -> dict[str, Any]:
         for src, values in (metrics.get(key) or {}).items():
             for metric, v in values.items():
                 out[f"final/{name}/{src}/{metric}"] = v
+    for task, values in (metrics.get("eval_harness") or {}).items():  # eval.harness: final/harness/<task>/<metric>
+        for metric, v in values.items():
+            out[f"final/harness/{task}/{metric}"] = v
     return out
 
 
