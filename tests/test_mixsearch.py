@@ -196,20 +196,40 @@ def test_resample_each_epoch_in_the_data_stage_and_resume(tmp_path: Path) -> Non
     assert per_epoch["rows"][0] == per_epoch["rows"][2] > 0 and per_epoch["new_rows"] == per_epoch["rows"]
 
 
-def test_real_mixture_random_sweep_end_to_end(tmp_path: Path, shared_cache: Path) -> None:
-    """3 tiny runs of sweep=mixture_random: each trains its own drawn mixture at the same budget; mixsearch reads
-    their realised shares and losses and refuses to propose from 3 runs (exit 1), saying so."""
+@pytest.mark.parametrize(
+    "launcher,trials",
+    [
+        ("basic", 3),  # Hydra's basic launcher: the runs one after the other in the launching process
+        # submitit on this host: one process per run, all at once (2, one thread each: a 2-core machine)
+        pytest.param("submitit_local", 2, marks=pytest.mark.slow),
+    ],
+)
+def test_real_mixture_random_sweep_end_to_end(tmp_path: Path, shared_cache: Path, launcher: str, trials: int) -> None:
+    """Tiny runs of sweep=mixture_random: each trains its own drawn mixture at the same budget; mixsearch reads
+    their realised shares and losses and refuses to propose from so few runs (exit 1), saying so. The same through
+    submitit's local launcher (tests/test_slurm_train.py runs the preset through launcher=slurm)."""
+    from sft_exp.tools.sweep_index import load_index
     from tests.conftest import launch
 
     sweep = tmp_path / "sweep"
-    r = launch(["sweep=mixture_random", "sweep.trials=3", "mixture.total_tokens=1000", f"hydra.sweep.dir={sweep}",
-                f"cache_dir={shared_cache}", "train.max_steps=2", "mixture.test_split_size=4",
-                "packing.max_length=256"], tmp_path, timeout=300)  # fmt: skip
+    extra = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
+    r = launch(["sweep=mixture_random", f"sweep.trials={trials}", "mixture.total_tokens=1000",
+                f"hydra.sweep.dir={sweep}", f"cache_dir={shared_cache}", "train.max_steps=2",
+                "mixture.test_split_size=4", "packing.max_length=256", *extra], tmp_path, timeout=300,
+               env={"OMP_NUM_THREADS": "1"} if launcher != "basic" else None)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
+    index = load_index(sweep, write=False)
+    assert index["launcher"] == {"basic": "BasicLauncher", "submitit_local": "LocalLauncher"}[launcher]
+    assert index["status"] == "finished" and index["swept"] == ["mixture.draw"]
+    runs = sorted(index["runs"].values(), key=lambda e: e["job_num"])
+    want = [({"mixture.draw": str(i)}, "finished") for i in range(trials)]
+    assert [(e["swept"], e["status"]) for e in runs] == want
+    pids = {e["pid"] for e in runs}
+    assert pids == {index["launcher_pid"]} if launcher == "basic" else len(pids - {index["launcher_pid"]}) == trials
     study = ms.load_study(sweep)
-    assert len(study.runs) == 3 and study.budget["total_tokens"] == 1000
-    assert len({tuple(np.round(x, 3)) for x in study.shares}) == 3  # three different realised mixtures
+    assert len(study.runs) == trials and study.budget["total_tokens"] == 1000
+    assert len({tuple(np.round(x, 3)) for x in study.shares}) == trials  # as many different realised mixtures
     assert np.allclose(study.shares.sum(1), 1)
     code, rep = ms.run(sweep, None, 2, None)
-    assert code == 1 and rep["verdict"].startswith("too few finished runs: 3")
+    assert code == 1 and rep["verdict"].startswith(f"too few finished runs: {trials}")
     assert (sweep / "mixsearch" / "fit.json").exists()

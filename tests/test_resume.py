@@ -159,12 +159,12 @@ def _kill_after_checkpoint(proc: subprocess.Popen, runs: Path, step: int, sig: i
     return out
 
 
-@pytest.mark.slow
 def _with_eval_before(args: list[str]) -> list[str]:
     """The default eval_before_train=true: the resumed run skips that eval and must still train the same."""
     return [a for a in args if a != "eval_before_train=false"]
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path: Path, shared_cache: Path) -> None:
     ref = launch(_with_eval_before(checkpointed_run_args(shared_cache, f"{tmp_path}/ref")), cwd=tmp_path)
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
@@ -212,6 +212,74 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path: Path, shared_c
         assert abs(m["eval_loss_after"][k] - v) <= 1e-6, k
     attempts = json.loads((run_dir / "attempts.json").read_text())
     assert [a["resumed_from"] for a in attempts] == [None, last.name, stopped_at.name]
+
+
+def _resample_each_epoch_args(cache: Path, run_dir: str | Path) -> list[str]:
+    """2 epochs of 4 optimizer steps (8 packed rows of 512 tokens, 2 per step), a checkpoint every step, each epoch
+    its own seeded rows (mixture.resample_each_epoch) of two sources; max_length 512 truncates none of them."""
+    drop = ("train.max_steps=", "train.save_steps=", "packing.max_length=")
+    off = [f"mixture.sources.{s}.weight=0" for s in ("count", "reverse", "sort", "tools")]
+    return [
+        *(a for a in checkpointed_run_args(cache, run_dir) if not a.startswith(drop)),
+        "train.max_steps=-1",  # -1: train.num_train_epochs decides
+        "train.num_train_epochs=2",
+        "train.save_steps=1",
+        "packing.max_length=512",
+        *off,
+        "mixture.sources.arith.weight=0.007",
+        "mixture.sources.units.weight=0.007",
+        "mixture.resample_each_epoch=true",
+    ]
+
+
+@pytest.mark.slow
+def test_resume_in_the_middle_of_epoch_2_trains_epoch_2s_fresh_rows(
+    tmp_path: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mixture.resample_each_epoch: a run stopped (SIGTERM) inside its 2nd epoch and resumed trains the rest of that
+    epoch on the epoch's own rows, as the uninterrupted run does: equal losses at every step, the resumed steps
+    included. Resuming on the first epoch's rows (the Trainer fast-forwards the resumed epoch's loader without passing
+    the epoch to the dataset) would change every loss after the cut."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # every process alike; 2 threads stall for seconds on a busy 2-core box
+    ref_dir = tmp_path / "ref"
+    ref = launch(_resample_each_epoch_args(shared_cache, ref_dir), cwd=tmp_path)
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
+    want = _losses(ref_dir)
+    assert sorted(want) == list(range(1, 9))
+    epoch_of = {h["step"]: h["epoch"] for h in json.loads((ref_dir / "trainer_state.json").read_text())["log_history"]}
+    assert epoch_of[4] == 1.0 and epoch_of[8] == 2.0  # steps 1-4: epoch 1, steps 5-8: epoch 2
+    ref_stats = json.loads((ref_dir / "mixture_stats.json").read_text())
+    rows_per_epoch = ref_stats["mixture"]["rows_per_epoch"]
+    for name in ("arith", "units"):  # each epoch trains as many rows, none trained in the epoch before
+        rows = rows_per_epoch[name]
+        assert rows["rows"] == rows["new_rows"] and len(rows["rows"]) == 2 and rows["rows"][0] > 0, rows_per_epoch
+    # ... and the run really trained them: epoch 1's rows twice would be exactly twice epoch 1's trained tokens
+    trained = json.loads((ref_dir / "metrics.json").read_text())["trained_tokens_per_source"]
+    epoch_1 = {n: ref_stats["sources"][n]["trained_tokens"] for n in ("arith", "units")}
+    assert any(trained[n] != 2 * epoch_1[n] for n in epoch_1), (trained, epoch_1)
+
+    runs = tmp_path / "runs"
+    args = _resample_each_epoch_args(shared_cache, f"{runs}/${{now:%H-%M-%S-%f}}")
+    proc = _start(args, tmp_path)
+    out = _kill_after_checkpoint(proc, runs, 5, signal.SIGTERM)  # step 5: the first of epoch 2
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    (run_dir,) = [p.parent for p in runs.glob(f"*/{FROZEN}")]
+    stopped_at = last_complete_checkpoint(run_dir)
+    assert stopped_at is not None and not (run_dir / "metrics.json").exists()
+    cut = int(stopped_at.name.split("-")[1])
+    assert 4 < cut < 8, stopped_at  # inside epoch 2: the resumed process starts with a part of epoch 2 skipped
+
+    r = launch([*args, "resume=true"], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert f"resuming {run_dir} from {stopped_at.name}" in r.stdout
+    got = _losses(run_dir)
+    assert sorted(got) == sorted(want)
+    for step, loss in want.items():
+        assert abs(got[step] - loss) <= 1e-6, (step, cut, got[step], loss)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["resumed_from"] == stopped_at.name and m["global_steps"] == 8
+    stats = json.loads((run_dir / "mixture_stats.json").read_text())["mixture"]
+    assert stats["resample_each_epoch"] is True and stats["rows_per_epoch"] == rows_per_epoch
 
 
 # ------------------------------------------------------------------------------------------------ a save that fails

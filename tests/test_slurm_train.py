@@ -5,8 +5,9 @@
   it continues in the same run directory from that checkpoint to the same losses as an uninterrupted run.
 - launcher=slurm with distributed.nodes=2: one job of 2 nodes x 1 task on the cluster's two slurmd nodes (partition
   `multi`); node rank, local rank, world size and the master address (the first node's name) come from the
-  allocation, and it trains to the same losses as 2 local ranks.
-- -m hydra/launcher=submitit_slurm with a comma list: a 2-run sweep, both runs finish with metrics.
+  allocation, and it trains to the same losses as 2 local ranks; lm-eval scores the model in the same job.
+- -m hydra/launcher=submitit_slurm with sweep=mixture_random: a 2-run sweep (two drawn mixtures at one token budget),
+  both runs finish with metrics, one Slurm job each.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ def test_two_node_ddp_job_trains_like_two_local_ranks(tmp_path: Path, shared_cac
             # The two nodes share this machine's cores: one each (else each rank takes a thread per core of "its"
             # node, 4 threads on 2 cores, and training is ~5x slower).
             "launcher.cpus_per_task=1",
+            # lm-eval after training, inside this job (issue #16): rank 0 scores while rank 1 has finished
+            "eval.harness.tasks=[sftexp_arith_mc]",
+            "eval.harness.limit=4",
             *args,
             f"hydra.sweep.dir={sweep}",
         ],
@@ -142,6 +146,10 @@ def test_two_node_ddp_job_trains_like_two_local_ranks(tmp_path: Path, shared_cac
     assert (attempt["slurm_job_id"], attempt["world_size"]) == (job_id, 2), attempt
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_steps"] == 8
+    # the harness ran in the job, on rank 0 alone, on the saved model: scores in metrics.json, the table in its log
+    assert set(metrics["eval_harness"]["sftexp_arith_mc"]) == {"acc", "acc_norm"}, metrics.get("eval_harness_error")
+    assert "lm-eval scores after training" in logs[0] and "sftexp_arith_mc" not in logs[1]
+    assert json.loads((run_dir / "eval_harness.json").read_text())["n_samples"]["sftexp_arith_mc"]["effective"] == 4
     ckpt = run_dir / "checkpoint-8"
     assert is_complete(ckpt)
     assert sorted(p.name for p in ckpt.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
@@ -154,6 +162,7 @@ def test_two_node_ddp_job_trains_like_two_local_ranks(tmp_path: Path, shared_cac
 
 
 def test_two_run_sweep_through_the_submitit_launcher(tmp_path: Path, shared_cache: Path) -> None:
+    """sweep=mixture_random (issue #17) through Slurm like any other sweep: run i trains mixture.draw=i."""
     sweep = tmp_path / "sweep"
     r = launch(
         [
@@ -163,7 +172,9 @@ def test_two_run_sweep_through_the_submitit_launcher(tmp_path: Path, shared_cach
             "hydra.launcher.cpus_per_task=1",
             f"hydra.sweep.dir={sweep}",
             f"cache_dir={shared_cache}",
-            "train.learning_rate=1e-3,3e-3",
+            "sweep=mixture_random",
+            "sweep.trials=2",
+            "mixture.total_tokens=1000",
             "train.max_steps=2",
             "mixture.test_split_size=4",
             "packing.max_length=256",
@@ -174,14 +185,20 @@ def test_two_run_sweep_through_the_submitit_launcher(tmp_path: Path, shared_cach
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     runs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
-    assert len(runs) == 2 and all("train.learning_rate=" in p.name for p in runs)
-    jobs = set()
+    # run i is named after its draw (the preset and sweep.trials stay out of run directory names)
+    draws = [[o for o in p.name.split(",") if o.startswith("mixture.draw=")] for p in runs]
+    assert draws == [["mixture.draw=0"], ["mixture.draw=1"]] and not any("sweep" in p.name for p in runs), runs
+    jobs, shares = set(), []
     for run_dir in runs:
         m = json.loads((run_dir / "metrics.json").read_text())
         assert m["global_steps"] == 2 and m["eval_loss_after"]["all"] > 0
         (attempt,) = json.loads((run_dir / "attempts.json").read_text())
         jobs.add(attempt["slurm_job_id"])
+        stats = json.loads((run_dir / "mixture_stats.json").read_text())
+        assert stats["mixture"]["weighting"] == "proportion" and stats["mixture"]["total_tokens"] == 1000
+        shares.append({n: round(s["weight"], 6) for n, s in stats["sources"].items()})
     assert len(jobs) == 2  # one Slurm (array) job per run
+    assert shares[0] != shares[1] and all(abs(sum(s.values()) - 1) < 1e-4 for s in shares)  # two drawn mixtures
 
 
 def test_a_job_slurm_refuses_is_a_clear_error_and_nothing_runs(tmp_path: Path) -> None:

@@ -205,8 +205,10 @@ class PackedDataset(datasets.Dataset):
         start of every epoch; a no-op otherwise). The length stays epoch 0's: a shorter epoch wraps around, a
         longer one is cut (its plan packs about as many rows, the token budget being the same)."""
         epoch_rows = getattr(self, "epoch_rows", None)
-        if epoch_rows is not None:
+        # The Trainer and accelerate may both pass the same epoch (SourceAwareSFTTrainer._run_epoch): pack it once.
+        if epoch_rows is not None and epoch != getattr(self, "resampled_epoch", 0):
             self.set_transform(epoch_rows(epoch))
+            self.resampled_epoch = epoch
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str) and key in self.COLUMNS:

@@ -124,6 +124,13 @@ class SourceAwareSFTTrainer(SFTTrainer):
         if 0 < self.state.max_steps <= self.state.global_step:
             self.control.should_training_stop = True
             return None
+        # mixture.resample_each_epoch (PackedDataset.set_epoch): give the dataset its epoch here. accelerate's
+        # DataLoaderShard.set_epoch passes it to the dataset only when no wrapped sampler takes it, and a resumed
+        # epoch's loader (skip_first_batches: a SkipBatchSampler over the seedable sampler) or a multi-rank one
+        # (BatchSamplerShard) has one: resumed inside epoch 2, the run would train the rest of it on epoch 0's rows.
+        dataset = getattr(kwargs.get("train_dataloader"), "dataset", None)
+        if hasattr(dataset, "set_epoch") and "epoch" in kwargs:
+            dataset.set_epoch(kwargs["epoch"])
         return super()._run_epoch(*args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):  # noqa: ANN001

@@ -48,9 +48,6 @@ class StopRequest:
 STOP = StopRequest()
 
 
-STOP = StopRequest()
-
-
 def _agreed_stop() -> int:
     """The stop signal if any rank received one (max over ranks), so all ranks stop at the same step."""
     flag = STOP.signum or 0
