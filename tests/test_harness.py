@@ -134,7 +134,7 @@ def test_shipped_and_offline_tasks_score_the_model_through_its_chat_template(tmp
     assert res["higher_is_better"]["my_mc"] == {"acc": True}
     # acc from the log-likelihoods lm-eval computed with this model: argmax over choices == label
     rows = [json.loads(line) for line in (tmp_path / "tasks" / "my_mc.jsonl").read_text().splitlines()]
-    picked = [max(range(len(s["reply"])), key=lambda i: s["reply"][i][0]) for s in res["samples"]["my_mc"]]
+    picked = [max(range(len(s["filtered"])), key=lambda i: s["filtered"][i][0]) for s in res["samples"]["my_mc"]]
     assert block["my_mc"]["acc"] == pytest.approx(sum(p == r["label"] for p, r in zip(picked, rows)) / 3)
     assert all(s["scores"]["acc"] in (0.0, 1.0) for s in res["samples"]["my_mc"])
     assert all(s["prompt"].rstrip().endswith("<|im_start|>assistant") for s in res["samples"]["sftexp_count"])

@@ -147,7 +147,8 @@ def _samples(results: dict[str, Any], n: int) -> dict[str, list[dict[str, Any]]]
                 {
                     "prompt": str(prompt)[-2000:],  # the end of it: a long system prompt is the same on every row
                     "target": s.get("target"),
-                    "reply": s.get("filtered_resps"),  # a generation, or (log-likelihood, greedy) per choice
+                    "reply": s.get("resps"),  # the generation(s), or (log-likelihood, greedy) per choice
+                    "filtered": s.get("filtered_resps"),  # what the metric saw (e.g. the last number of the reply)
                     "scores": {k: s[k] for k in s if k in metrics},
                 }
             )
