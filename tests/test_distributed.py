@@ -40,13 +40,26 @@ def tiny_weights(shared_cache: Path) -> Path:
 
 def dist_args(shared_cache: Path, run_dir: str) -> list[str]:
     """A short 2-rank run: 8 optimizer steps of 2 ranks x 2 micro-batches of one 256-token packed row, evaluated
-    before training too (eval_before_train, the default), so strategies compare on their pre-training eval losses."""
+    before training too (eval_before_train, the default), so strategies compare on their pre-training eval losses,
+    and generating before and after training (every rank generates: under ZeRO-3 / FSDP2 no rank holds the model)."""
     return [
         *[a for a in checkpointed_run_args(shared_cache, run_dir) if a != "eval_before_train=false"],
         f"model.name_or_path={tiny_weights(shared_cache)}",
         "model.init=pretrained",
         "distributed.processes_per_node=2",
+        *GENERATE,
     ]
+
+
+GENERATE = ["eval.generate.enabled=true", "eval.generate.rows=2", "eval.generate.max_new_tokens=8"]
+
+
+def same_generations(got: dict, want: dict) -> None:
+    """Two eval_generate.json results of the same weights: the same greedy text for every sample turn."""
+    for src, res in want["sources"].items():
+        a = [t["generation"] for t in got["sources"][src]["samples"]]
+        b = [t["generation"] for t in res["samples"]]
+        assert a == b and a, (src, a, b)
 
 
 def ddp_reference(shared_cache: Path) -> Path:
@@ -145,6 +158,12 @@ def test_zero3_evaluates_and_trains_like_ddp_and_sigusr1_stops_every_rank_with_a
     assert sorted(before) == sorted(want_before) and "all" in before, (before, want_before)
     for src, loss in want_before.items():
         assert abs(before[src] - loss) <= 1e-5, (src, before[src], loss)
+    # generation before training with ZeRO-3-partitioned weights (every rank generates): DDP's metrics
+    from sft_exp.eval.generate import metrics_block
+
+    gen = json.loads((run_dir / "eval_generate.json").read_text())
+    ddp_before = json.loads((ddp / "metrics.json").read_text())["eval_generate_before"]
+    assert gen["label"] == "before" and metrics_block(gen) == ddp_before, (metrics_block(gen), ddp_before)
     ckpt = last_complete_checkpoint(run_dir)
     assert ckpt is not None and not (run_dir / "metrics.json").exists()
     step = int(ckpt.name.split("-")[1])
@@ -184,6 +203,9 @@ def test_fsdp2_shards_for_real_on_cpu_ranks_trains_like_ddp_saves_one_model_and_
     for key in ("eval_loss_before", "eval_loss_after"):
         for src, loss in m_ddp[key].items():
             assert abs(m[key][src] - loss) <= 1e-5, (key, src, m[key][src], loss)
+    # generation with FSDP2-sharded weights (every rank generates), before and after training: DDP's greedy text
+    assert m["eval_generate_before"] == m_ddp["eval_generate_before"]
+    same_generations(*(json.loads((d / "eval_generate.json").read_text()) for d in (run_dir, ddp)))
     # The final model gathered from the shards (transformers writes none with sharded checkpoints), tied weights once.
     final, final_ddp = load_file(run_dir / "model.safetensors"), load_file(ddp / "model.safetensors")
     assert sorted(final) == sorted(final_ddp)

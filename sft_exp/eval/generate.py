@@ -244,7 +244,9 @@ def generate(
                 p = prompts[i]
                 ids[r, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
                 mask[r, width - len(p) :] = 1
-            with torch.inference_mode():
+            # no_grad, not inference_mode: under ZeRO-3 the parameters gathered for generation would become
+            # inference tensors, and the next training step's backward refuses them
+            with torch.no_grad():
                 seq = model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config
                 )
