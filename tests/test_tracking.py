@@ -117,6 +117,7 @@ def test_wandb_offline_run_logs_config_metrics_mixture_and_no_secret(tmp_path: P
 
     args = [*small(fast_args, 3), "tracking=wandb", "tracking.mode=offline"]
     args += ["tracking.project=sft-test", "tracking.tags=[smoke,ci]"]
+    args += ["eval.harness.tasks=[sftexp_arith_mc]", "eval.harness.limit=2"]  # lm-eval scores reach W&B too
     r = launch(args, cwd=tmp_path, env=FAKE)
     assert r.returncode == 0, r.stderr[-4000:]
     run_dir = tmp_path / "run"
@@ -155,6 +156,10 @@ def test_wandb_offline_run_logs_config_metrics_mixture_and_no_secret(tmp_path: P
     assert rec.eval_after("all") == pytest.approx(metrics["eval_loss_after"]["all"])
     assert rec.eval_curves["all"][0] == (0.0, pytest.approx(metrics["eval_loss_before"]["all"]))
     assert [step for step, _ in rec.train_curve] == [1.0, 2.0, 3.0]
+    acc = metrics["eval_harness"]["sftexp_arith_mc"]["acc"]
+    assert summ["final/harness/sftexp_arith_mc/acc"] == pytest.approx(acc)
+    assert any(h.get("harness/sftexp_arith_mc/acc") == pytest.approx(acc) for h in history)
+    assert rec.objective("harness/sftexp_arith_mc/acc") == pytest.approx(acc)
 
     assert_no_secret_anywhere(tmp_path, r.stdout, r.stderr)
 
