@@ -6,6 +6,7 @@
     python -m sft_exp.evaluate <run> --data mine=path/to/rows.jsonl --scorer mine=exact_match
     python -m sft_exp.evaluate <run> --scorer arith=regex --scorer-args 'arith={"pattern": "(-?\\d+)\\.?$"}'
     python -m sft_exp.evaluate <run> --harness sftexp_demo,hellaswag --limit 100   # lm-eval tasks instead
+    python -m sft_exp.evaluate <run> --harness sftexp_demo --base     # the model the run started from, to compare
 
 The run's frozen config (run_config.yaml) gives the mixture, the held-out rows (the same rows the run evaluated on,
 unless --test-split-size / --seed draw others; rows the run trained on may then be among them), the scorers and the
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     ap.add_argument("--out", type=Path, help="output file (default: <dir>/eval_generate.json, never overwritten)")
     ap.add_argument("--harness", metavar="TASKS", help="comma-separated lm-eval tasks/groups/tags, run instead")
+    ap.add_argument("--base", action="store_true", help="the model the run started from (its scores before training)")
     ap.add_argument("--limit", type=float, help="--harness: examples per task (or a share < 1)")
     ap.add_argument("--num-fewshot", type=int, help="--harness: few-shot examples")
     ap.add_argument("--include-path", action="append", default=[], help="--harness: a folder of task YAMLs")
@@ -97,10 +99,10 @@ def _harness(a: argparse.Namespace) -> int:
             setattr(h, key, getattr(a, key))
     validate_harness(run)
     tm = harness.check_tasks(h)  # before the model loads: a typo fails in a second
-    _, tokenizer, model, _, model_dir = load_trained(a.path, a.device)
+    _, tokenizer, model, _, model_dir = load_trained(a.path, a.device, base=a.base)
     res = harness.evaluate(model, tokenizer, h, tm)
-    res["model"] = str(model_dir)
-    out = _out_path(model_dir, a.out, "eval_harness")
+    res["model"] = f"{run.model.name_or_path} (the run's starting model)" if a.base else str(model_dir)
+    out = _out_path(model_dir, a.out, "eval_harness_base" if a.base else "eval_harness")
     write_json(out, res)
     print(harness.format_table(res))
     print(f"wrote {out}")
@@ -112,7 +114,7 @@ def _evaluate(a: argparse.Namespace) -> int:
     from sft_exp.eval.generate import GenerationEval, format_table, write_results
     from sft_exp.eval.scorers import resolve_scorer
 
-    run, tokenizer, model, run_dir, model_dir = load_trained(a.path, a.device)
+    run, tokenizer, model, run_dir, model_dir = load_trained(a.path, a.device, base=a.base)
     g = run.eval.generate
     for key in ("max_new_tokens", "batch_size", "samples"):
         if getattr(a, key) is not None:
@@ -153,8 +155,8 @@ def _evaluate(a: argparse.Namespace) -> int:
     sources = [s.strip() for s in a.sources.split(",") if s.strip()] if a.sources is not None else None
     gen = GenerationEval.from_run(run, tokenizer, rows=a.rows, sources=sources, extra=extra)
     results = gen.run(model, tokenizer, label="evaluate")
-    results["model"] = str(model_dir)
-    out = _out_path(model_dir, a.out)
+    results["model"] = f"{run.model.name_or_path} (the run's starting model)" if a.base else str(model_dir)
+    out = _out_path(model_dir, a.out, "eval_generate_base" if a.base else "eval_generate")
     write_results(out, results)
     print(format_table(results))
     print(f"wrote {out}")

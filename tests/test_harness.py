@@ -194,10 +194,13 @@ def test_a_sweep_on_a_harness_score_indexes_compares_and_reevaluates(tmp_path: P
 @pytest.mark.slow
 def test_a_task_that_fails_after_training_keeps_the_run(tmp_path: Path, fast_args: list[str]) -> None:
     """The task's data file is missing (found only when lm-eval loads it, after training): the model and
-    metrics.json stay, metrics.json names the failure, and the run exits 2 saying how to evaluate again."""
+    metrics.json stay, metrics.json names the failure, and the run exits 2 saying how to evaluate again. Then
+    `evaluate --base` rebuilds the model the run started from: its generation metrics are the run's own
+    before-training ones."""
     tasks = _offline_task(tmp_path / "tasks", "gone", data=tmp_path / "nowhere" / "gone.jsonl")
-    r = launch([*fast_args, "train.max_steps=1", "eval_before_train=false", "eval.harness.tasks=[gone]",
-                f"eval.harness.include_path=[{tasks}]"], tmp_path, timeout=600)  # fmt: skip
+    r = launch([*fast_args, "train.max_steps=1", "eval.harness.tasks=[gone]", f"eval.harness.include_path=[{tasks}]",
+                "eval.generate.enabled=true", "eval.generate.rows=2", "eval.generate.max_new_tokens=8"],
+               tmp_path, timeout=600)  # fmt: skip
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
     run_dir = tmp_path / "run"
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -206,3 +209,11 @@ def test_a_task_that_fails_after_training_keeps_the_run(tmp_path: Path, fast_arg
     error = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert error and "kept in" in error[-1] and f"python -m sft_exp.evaluate {run_dir} --harness gone" in error[-1]
     assert "Traceback" not in r.stderr
+
+    ev = subprocess.run([PY, "-m", "sft_exp.evaluate", str(run_dir), "--base"], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=300)  # fmt: skip
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    from sft_exp.eval.generate import metrics_block
+
+    base = json.loads((run_dir / "eval_generate_base.json").read_text())
+    assert "starting model" in base["model"] and metrics_block(base) == m["eval_generate_before"]

@@ -37,12 +37,14 @@ def locate(path: Path) -> tuple[Path, Path]:
     return run_dir, model_dir
 
 
-def load_trained(path: Path, device: str | None = None) -> tuple[Any, Any, Any, Path, Path]:
+def load_trained(path: Path, device: str | None = None, base: bool = False) -> tuple[Any, Any, Any, Path, Path]:
     """The frozen config, tokenizer and model of a run directory or checkpoint, ready to generate.
 
     Args:
         path: a run directory or one of its checkpoint-N folders.
         device: 'cpu', 'cuda', ...; None: cuda when available, else cpu.
+        base: the model the run started from instead (model.name_or_path; under model.init=random the same seeded
+            initial weights), with the run's tokenizer and template: scores before training to compare with.
 
     Returns:
         (run config, tokenizer, model (eval mode, sdpa attention), run directory, model directory).
@@ -63,8 +65,27 @@ def load_trained(path: Path, device: str | None = None) -> tuple[Any, Any, Any, 
         tokenizer = build_tokenizer(run)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, run.model.dtype.value) if device != "cpu" else torch.float32  # bf16 is slow on CPUs
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=dtype, attn_implementation="sdpa", trust_remote_code=run.model.trust_remote_code
-    )
+    if base:
+        model = _base_model(run, tokenizer, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=dtype, attn_implementation="sdpa", trust_remote_code=run.model.trust_remote_code
+        )
     model.to(device).eval()
     return run, tokenizer, model, run_dir, model_dir
+
+
+def _base_model(run: Any, tokenizer: Any, dtype: Any) -> Any:
+    """The run's starting model, built the way the run built it (sft_exp.train.model.build_model), full precision
+    and sdpa attention for generation."""
+    import copy
+
+    from sft_exp.config import AttnImpl, DType, PeftMethod
+    from sft_exp.train.model import build_model
+
+    start = copy.deepcopy(run)
+    start.model.attn_implementation = AttnImpl.sdpa
+    start.model.dtype = DType(str(dtype).removeprefix("torch."))
+    if start.peft.method == PeftMethod.qlora:  # the base in full precision: scores of the model, not its 4-bit copy
+        start.peft.method = PeftMethod.none
+    return build_model(start, tokenizer)
