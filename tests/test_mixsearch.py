@@ -212,12 +212,15 @@ def test_real_mixture_random_sweep_end_to_end(tmp_path: Path, shared_cache: Path
     from tests.conftest import launch
 
     sweep = tmp_path / "sweep"
-    extra = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
+    # submitit_local: hydra.launcher.cpus_per_task is the jobs' thread count (they run at once on this host)
+    extra = [] if launcher == "basic" else [f"hydra/launcher={launcher}", "hydra.launcher.cpus_per_task=1"]
     r = launch(["sweep=mixture_random", f"sweep.trials={trials}", "mixture.total_tokens=1000",
                 f"hydra.sweep.dir={sweep}", f"cache_dir={shared_cache}", "train.max_steps=2",
-                "mixture.test_split_size=4", "packing.max_length=256", *extra], tmp_path, timeout=300,
-               env={"OMP_NUM_THREADS": "1"} if launcher != "basic" else None)  # fmt: skip
+                "mixture.test_split_size=4", "packing.max_length=256", *extra], tmp_path, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
+    if launcher != "basic":
+        logs = [p.read_text() for p in sweep.glob(".submitit/*/*_log.out")]
+        assert len(logs) == trials and all("slurm task: 1 torch thread(s)" in log for log in logs), logs
     index = load_index(sweep, write=False)
     assert index["launcher"] == {"basic": "BasicLauncher", "submitit_local": "LocalLauncher"}[launcher]
     assert index["status"] == "finished" and index["swept"] == ["mixture.draw"]

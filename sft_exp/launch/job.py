@@ -20,6 +20,9 @@ class HydraJob:
     overrides: list[str]  # the job's task overrides (the command line, or one point of a sweep)
     dir_pattern: str  # hydra.run.dir (or sweep dir/subdir) before interpolation: where resume=true looks
     multirun: bool
+    # hydra.launcher.cpus_per_task of a submitit launcher (None otherwise): under submitit_local, the only word on
+    # how many cores a job may use (its jobs run at once, with no allocation to bind them)
+    cpus_per_task: int | None = None
 
     @classmethod
     def current(cls) -> HydraJob:
@@ -28,7 +31,9 @@ class HydraJob:
         raw = OmegaConf.to_container(hc, resolve=False)
         assert isinstance(raw, dict)
         pattern = f"{raw['sweep']['dir']}/{raw['sweep']['subdir']}" if multirun else str(raw["run"]["dir"])
-        return cls(Path(hc.runtime.output_dir), list(hc.overrides.task), pattern, multirun)
+        cpus = (raw.get("launcher") or {}).get("cpus_per_task")
+        cpus = int(cpus) if isinstance(cpus, int) or (isinstance(cpus, str) and cpus.isdigit()) else None
+        return cls(Path(hc.runtime.output_dir), list(hc.overrides.task), pattern, multirun, cpus)
 
     def command(self, *extra: str, drop: tuple[str, ...] = ("resume=",)) -> str:
         """This job as a shell command to copy and paste: `python launch.py` + its overrides (quoted as needed, those

@@ -76,8 +76,14 @@ def run_task(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started:
         f" master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
         flush=True,
     )
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    # Threads per task: the allocation's (Slurm), else hydra.launcher.cpus_per_task (submitit_local, whose jobs all
+    # run at once on this host), else the node's cores shared by its tasks. Set in torch too: it is imported already.
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK") or (str(job.cpus_per_task) if job.cpus_per_task else None)
     os.environ.setdefault("OMP_NUM_THREADS", cpus or str(max(1, cpu_cores() // per_node)))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    print(f"slurm task: {torch.get_num_threads()} torch thread(s)", flush=True)
     check_devices(run, per_node)
 
     restart = os.environ.get("SLURM_RESTART_COUNT", "0")
