@@ -74,6 +74,10 @@ CASES = {
         ["eval.harness.tasks=[sftexp_demo]", "eval.harness.include_path=[/nope/tasks]"],
         "eval.harness.include_path[0]: '/nope/tasks' is not a folder",
     ),
+    "harness task whose data is missing": (
+        ["eval.harness.tasks=[gone]", "eval.harness.include_path=@GONE_TASK"],
+        "eval.harness.tasks[0]: lm-eval cannot load 'gone'",
+    ),
     "harness objective without harness tasks": (
         ["sweep.objective=harness/sftexp_count/exact_match"],
         "sweep.objective: 'harness/sftexp_count/exact_match' is a harness score but eval.harness.tasks is empty",
@@ -142,6 +146,14 @@ def test_bad_input_fails_clearly_and_early(case: str, tmp_path: Path, fast_args:
 def _materialise(override: str, tmp_path: Path) -> str:
     """`key=@NAME`: a file the case needs, written into tmp_path."""
     key, _, value = override.partition("=")
+    if value == "@GONE_TASK":  # an offline-style task whose jsonl is not there
+        (tmp_path / "tasks").mkdir()
+        (tmp_path / "tasks" / "gone.yaml").write_text(
+            "task: gone\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {tmp_path / 'nowhere.jsonl'}\ntest_split: test\noutput_type: loglikelihood\n"
+            "doc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        )
+        return f"{key}=[{tmp_path / 'tasks'}]"
     if value == "@NO_MARKERS":
         (tmp_path / "plain.jinja").write_text(NO_MARKERS)
         return f"{key}={tmp_path / 'plain.jinja'}"

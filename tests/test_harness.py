@@ -193,12 +193,13 @@ def test_a_sweep_on_a_harness_score_indexes_compares_and_reevaluates(tmp_path: P
 
 @pytest.mark.slow
 def test_a_task_that_fails_after_training_keeps_the_run(tmp_path: Path, fast_args: list[str]) -> None:
-    """The task's data file is missing (found only when lm-eval loads it, after training): the model and
+    """The task's data file is missing (with check_data=false found only after training): the model and
     metrics.json stay, metrics.json names the failure, and the run exits 2 saying how to evaluate again. Then
     `evaluate --base` rebuilds the model the run started from: its generation metrics are the run's own
     before-training ones."""
     tasks = _offline_task(tmp_path / "tasks", "gone", data=tmp_path / "nowhere" / "gone.jsonl")
     r = launch([*fast_args, "train.max_steps=1", "eval.harness.tasks=[gone]", f"eval.harness.include_path=[{tasks}]",
+                "eval.harness.check_data=false",  # else found before training (tests/test_bad_input.py)
                 "eval.generate.enabled=true", "eval.generate.rows=2", "eval.generate.max_new_tokens=8"],
                tmp_path, timeout=600)  # fmt: skip
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]

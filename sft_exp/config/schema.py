@@ -397,6 +397,9 @@ class HarnessConfig:
     think_end_token: str | None = "</think>"
     gen_kwargs: dict[str, Any] = field(default_factory=dict)  # generate_until tasks, e.g. {max_gen_toks: 256}
     samples: int = 3  # examples per task whose prompt, target and reply go into eval_harness.json
+    # Load every task (its dataset included) before training, so a dataset missing on an offline machine fails in
+    # seconds, not after the run; costs loading them twice (seconds for most tasks, more for large groups).
+    check_data: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # any other lm_eval.simple_evaluate argument
 
 

@@ -57,12 +57,15 @@ def task_manager(h: Any) -> Any:
     return TaskManager(include_path=include_paths(h))
 
 
-def check_tasks(h: Any) -> Any:
-    """Every name in eval.harness.tasks is a task, group or tag lm-eval knows; returns the TaskManager.
+def check_tasks(h: Any, load: bool = False) -> Any:
+    """Every name in eval.harness.tasks is a task, group or tag lm-eval knows, and with `load` (the launcher passes
+    eval.harness.check_data) every task builds, its dataset loaded; returns the TaskManager.
 
     Raises:
-        ConfigError: an unknown name (with the closest known ones), before the run directory exists.
+        ConfigError: an unknown name (with the closest known ones), or a task that does not load (a dataset missing
+            offline, a broken YAML), before the run directory exists.
     """
+    _quiet_lm_eval()
     tm = task_manager(h)
     known = set(tm.all_tasks)
     for i, name in enumerate(h.tasks):
@@ -74,6 +77,18 @@ def check_tasks(h: Any) -> Any:
                 + f". Local tasks are looked up in {', '.join(include_paths(h))} (add folders with "
                 "eval.harness.include_path=[...]); `lm-eval ls tasks` lists lm-eval's own"
             )
+    if load:
+        for i, name in enumerate(h.tasks):
+            try:
+                tm.load([name])
+            except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many kinds; all mean "cannot load"
+                first = str(e).splitlines()[0][:300] if str(e) else ""
+                raise ConfigError(
+                    f"eval.harness.tasks[{i}]: lm-eval cannot load '{name}': {type(e).__name__}: {first}. A hub "
+                    "task's dataset must be in the HF cache on an offline machine (load it once where the hub is "
+                    "reachable); a local task's data_files must exist. Or eval.harness.check_data=false to find out "
+                    "after training"
+                ) from e
     return tm
 
 

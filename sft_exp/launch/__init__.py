@@ -35,10 +35,10 @@ def start(run: RunConfig, job: HydraJob, freeze: Callable[[], Path], started: fl
         from sft_exp.train.sft_config import check_trainer_config
 
         check_trainer_config(run)
-        if run.eval.harness.tasks:  # an unknown lm-eval task name fails now, not after training
+        if run.eval.harness.tasks:  # an unknown lm-eval task, or its missing data, fails now, not after training
             from sft_exp.eval.harness import check_tasks
 
-            check_tasks(run.eval.harness)
+            check_tasks(run.eval.harness, load=run.eval.harness.check_data)
     if under_submitit():
         from sft_exp.launch.slurm import run_task
 
