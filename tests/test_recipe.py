@@ -53,12 +53,13 @@ def test_model(run) -> None:
 def test_mixture_has_every_split_with_its_weight(run) -> None:
     table = _recipe_table()
     m = run.mixture
-    assert {n: s.weight for n, s in m.sources.items()} == table
+    # source names are the split names with '.' as '_' (a dot cannot be part of an override key)
+    assert {s.split: s.weight for s in m.sources.values()} == table
     for name, s in m.sources.items():
-        assert (s.id, s.config, s.split, s.columns) == (
+        assert (s.id, s.config, name, s.columns) == (
             "HuggingFaceTB/smoltalk2",
             "SFT",
-            name,
+            s.split.replace(".", "_"),
             ["messages", "chat_template_kwargs"],
         )
     assert m.seed == 0 and m.weighting.value == "fraction" and m.num_proc == 12
@@ -110,3 +111,9 @@ def test_every_trainer_value(run) -> None:
             continue
         got = ELSEWHERE[key](run, args) if key in ELSEWHERE else getattr(args, key)
         assert (got.value if isinstance(got, Enum) else got) == value, key
+
+
+def test_every_source_of_the_recipe_can_be_overridden_on_the_command_line() -> None:
+    names = list(to_run_config(compose(["experiment=smollm3_sft"])).mixture.sources)
+    run = to_run_config(compose(["experiment=smollm3_sft", *[f"mixture.sources.{n}.weight=0.25" for n in names]]))
+    assert list(run.mixture.sources) == names and {s.weight for s in run.mixture.sources.values()} == {0.25}
