@@ -97,3 +97,27 @@ def test_lock_of_a_directory_without_a_run_is_a_clear_error(tmp_path: Path) -> N
 
     with pytest.raises(ConfigError, match="no run_config.yaml there"):
         to_run_config(compose([f"lock={tmp_path}"]))
+
+
+@pytest.mark.slow
+def test_a_locked_rerun_trains_the_same_run_again(tmp_path: Path, shared_cache: Path) -> None:
+    """Two real runs: `lock=<run A>` in another directory, with a learning rate of its own that the lock overrides,
+    trains A's config again: the same loss at every step and the same eval losses; it says what it overrode."""
+    from tests.conftest import launch
+
+    common = [f"cache_dir={shared_cache}", "train.max_steps=3", "train.logging_steps=1", "mixture.test_split_size=4",
+              "packing.max_length=256", "eval_before_train=false"]  # fmt: skip
+    a = launch([*common, f"hydra.run.dir={tmp_path}/a", "train.learning_rate=2e-3"], tmp_path)
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = launch([f"hydra.run.dir={tmp_path}/b", f"lock={tmp_path}/a", "train.learning_rate=9e-3"], tmp_path)
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert "train.learning_rate=0.009 here, the locked run's 0.002 is used" in b.stderr
+
+    def losses(d: str) -> list[float]:
+        state = json.loads((tmp_path / d / "trainer_state.json").read_text())
+        return [h["loss"] for h in state["log_history"] if "loss" in h]
+
+    assert len(losses("a")) == 3 and losses("b") == losses("a")
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
+    assert mb["eval_loss_after"] == ma["eval_loss_after"] and mb["trained_tokens"] == ma["trained_tokens"]
+    assert json.loads((tmp_path / "b/run_info.json").read_text())["locked_from"] == str(tmp_path / "a")
