@@ -409,7 +409,11 @@ class PieceTokenizer:
                     np.asarray([[0, len(a["content"])]], dtype=np.int64),
                 )
         self.words_re = self._words_re(spec) if self.piecewise and WORD_SPLIT else None
-        self.words: dict[str, list[str]] = {}  # piece -> its words (itself when it is not cut)
+        # hashes of the pieces seen once: a piece seen again (a header, a tool list) is encoded whole from then on.
+        # Hashes, not the pieces: most pieces are one row's content, seen once, and keeping them (with their word
+        # lists, as this did) grew a tokenising worker by ~5 bytes per token. A collision only encodes a piece whole,
+        # which gives the same ids (see _words_re).
+        self.seen: set[int] = set()
 
     def _words_re(self, spec: dict[str, Any]) -> re.Pattern[str] | None:
         """The GPT-2 pre-tokenizer split, for pieces of printable ASCII (+ tab, newline, carriage return) only, when
@@ -462,7 +466,8 @@ class PieceTokenizer:
         offs = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encs)), np.int64, 2 * total)
         offs = offs.reshape(-1, 2)
         for p, b, n in zip(pieces, ends.tolist(), lens.tolist()):
-            self.cache[p] = (ids[b - n : b], offs[b - n : b])
+            # copies: a view would keep this whole batch's arrays alive as long as any one of its pieces is cached
+            self.cache[p] = (ids[b - n : b].copy(), offs[b - n : b].copy())
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Encode a batch (only when `piecewise`).
@@ -476,21 +481,23 @@ class PieceTokenizer:
         """
         if len(self.cache) > _PIECE_CACHE_MAX:
             self.cache.clear()
-        if len(self.words) > _PIECE_CACHE_MAX:
-            self.words.clear()
+        if len(self.seen) > _PIECE_CACHE_MAX:
+            self.seen.clear()
         cache, special = self.cache, self.special
         # Cut every text at its added tokens; number the batch's distinct pieces (a piece's code is its position in
         # `index`); all per-piece work below is then done once per distinct piece, and per-part work in numpy.
         split = self.split_re.split if self.split_re is not None else (lambda t: [t])
         rows = [split(t) for t in texts]
         if self.words_re is not None:  # pieces of the safe alphabet cut further into their words (see _words_re)
-            words, unsafe, memo = self.words_re.findall, _UNSAFE_FOR_WORDS.search, self.words
+            words, unsafe, seen = self.words_re.findall, _UNSAFE_FOR_WORDS.search, self.seen
+            memo: dict[str, list[str]] = {}  # this batch's pieces -> their parts
             for p in dict.fromkeys(chain.from_iterable(rows)):  # each distinct piece of the batch once
-                w = memo.get(p)
-                if w is None:  # first seen: its words (most pieces are one row's content, seen once)
-                    memo[p] = [p] if p in special or unsafe(p) else words(p)
-                elif len(w) > 1:  # seen again (a header, a tool list): encoded whole from now on, one part
+                h = hash(p)
+                if p in special or unsafe(p) or h in seen or p in cache:  # seen again: encoded whole, one part
                     memo[p] = [p]
+                else:  # first seen: its words (most pieces are one row's content, seen once)
+                    seen.add(h)
+                    memo[p] = words(p)
             get = memo.__getitem__
             rows = [list(chain.from_iterable(map(get, r))) or [""] for r in rows]
         parts = list(chain.from_iterable(rows))
