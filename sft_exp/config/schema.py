@@ -931,6 +931,8 @@ def to_run_config(cfg: Any) -> RunConfig:
     apply_mixture_draw(obj.mixture)  # mixture.draw=i: the weights of random mixture i (sweep=mixture_random)
     if obj.cache_dir:
         obj.cache_dir = os.path.abspath(os.path.expanduser(obj.cache_dir))  # ranks and tools agree wherever they run
+    # frozen absolute: a resumed run, a Slurm job or `evaluate` started elsewhere finds the same task folders
+    obj.eval.harness.include_path = [os.path.abspath(os.path.expanduser(p)) for p in obj.eval.harness.include_path]
     return obj
 
 
