@@ -89,5 +89,5 @@ def execute(
     tracker.finish(metrics, exit_code=1 if failed else 0)
     from sft_exp.eval.hooks import raise_after_save
 
-    raise_after_save(metrics, run_dir)  # a generation / harness eval that failed after training: nothing lost
+    raise_after_save(metrics, run_dir, run)  # a generation / harness eval that failed after training: nothing lost
     return metrics

@@ -598,21 +598,22 @@ def validate(cfg: RunConfig) -> None:
 def validate_harness(cfg: RunConfig) -> None:
     """eval.harness.*: values, the lm-eval package, the include paths, a harness/... sweep objective. The task names
     are resolved later, before the run directory exists (sft_exp.eval.harness.check_tasks: it indexes lm-eval's
-    thousands of task files, seconds)."""
+    thousands of task files, seconds; eval.harness.extra is checked there too, against lm-eval's signature)."""
     import importlib.util
-    import inspect
+
+    from sft_exp.eval.objective import parts
 
     h = cfg.eval.harness
     objective = cfg.sweep.objective
     if objective.startswith("harness/"):
-        parts = objective.split("/", 2)
-        if len(parts) != 3 or not parts[1] or not parts[2]:
+        task, _ = parts(objective)
+        if not task:
             _fail(
                 "sweep.objective", f"'{objective}' is not harness/<task>/<metric>", "e.g. harness/sftexp_arith_mc/acc"
             )
         if not h.tasks:
             _fail("sweep.objective", f"'{objective}' is a harness score but eval.harness.tasks is empty",
-                  f"Set eval.harness.tasks=[{parts[1]}]")  # fmt: skip
+                  f"Set eval.harness.tasks=[{task}]")  # fmt: skip
     if not h.tasks:
         return
     if any(not isinstance(t, str) or not t.strip() for t in h.tasks):
@@ -629,19 +630,10 @@ def validate_harness(cfg: RunConfig) -> None:
         _fail("eval.harness.limit", f"{h.limit} is neither a whole count nor a share < 1", "e.g. 100 or 0.1")
     if h.num_fewshot is not None and h.num_fewshot < 0:
         _fail("eval.harness.num_fewshot", f"must be >= 0, got {h.num_fewshot}", "")
-    for key in ("batch_size",):
-        if getattr(h, key) < 1:
-            _fail(f"eval.harness.{key}", f"must be >= 1, got {getattr(h, key)}", "")
+    if h.batch_size < 1:
+        _fail("eval.harness.batch_size", f"must be >= 1, got {h.batch_size}", "")
     if h.samples < 0:
         _fail("eval.harness.samples", f"must be >= 0, got {h.samples}", "")
-    if h.extra:
-        from lm_eval import simple_evaluate
-
-        allowed = set(inspect.signature(simple_evaluate).parameters) - {"model", "model_args", "tasks", "task_manager"}
-        for key in h.extra:
-            if key not in allowed:
-                _fail(f"eval.harness.extra.{key}", "is not an argument of lm_eval.simple_evaluate",
-                      f"Use one of {sorted(allowed)}")  # fmt: skip
 
 
 def validate_generation(cfg: RunConfig) -> None:

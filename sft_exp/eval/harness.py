@@ -62,10 +62,21 @@ def check_tasks(h: Any, load: bool = False) -> Any:
     eval.harness.check_data) every task builds, its dataset loaded; returns the TaskManager.
 
     Raises:
-        ConfigError: an unknown name (with the closest known ones), or a task that does not load (a dataset missing
-            offline, a broken YAML), before the run directory exists.
+        ConfigError: an `eval.harness.extra` key simple_evaluate does not take, an unknown name (with the closest
+            known ones), or a task that does not load (a dataset missing offline, a broken YAML), before the run
+            directory exists.
     """
+    import inspect
+
+    from lm_eval import simple_evaluate
+
     _quiet_lm_eval()
+    allowed = set(inspect.signature(simple_evaluate).parameters) - {"model", "model_args", "tasks", "task_manager"}
+    for key in h.extra:
+        if key not in allowed:
+            raise ConfigError(
+                f"eval.harness.extra.{key}: is not an argument of lm_eval.simple_evaluate. Use one of {sorted(allowed)}"
+            )
     tm = task_manager(h)
     known = set(tm.all_tasks)
     for i, name in enumerate(h.tasks):

@@ -127,7 +127,7 @@ class GenerationInRun:
         return out
 
 
-def raise_after_save(metrics: dict[str, Any], run_dir: Path) -> None:
+def raise_after_save(metrics: dict[str, Any], run_dir: Path, run: Any) -> None:
     """After metrics.json is written: the failure of the generation eval after training, if any, as an error that
     says the trained model and metrics are kept and how to evaluate again."""
     error = metrics.get("eval_generate_error")
@@ -138,10 +138,9 @@ def raise_after_save(metrics: dict[str, Any], run_dir: Path) -> None:
         )
     error = metrics.get("eval_harness_error")
     if error:
-        from sft_exp.config.frozen import load_frozen
         from sft_exp.eval.harness import HarnessError
 
-        tasks = ",".join(load_frozen(run_dir).eval.harness.tasks)
+        tasks = ",".join(run.eval.harness.tasks)
         raise HarnessError(
             f"{error}. The trained model and metrics.json are kept in {run_dir}; fix the task and evaluate again "
             f"with: python -m sft_exp.evaluate {run_dir} --harness {tasks}"

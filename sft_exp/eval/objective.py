@@ -23,7 +23,7 @@ def kind(objective: str) -> str:
     return objective.split("/", 1)[0] if objective.startswith(SCORED) else "loss"
 
 
-def _parts(objective: str) -> tuple[str, str]:
+def parts(objective: str) -> tuple[str, str]:
     """gen/<a>/<b> or harness/<a>/<b> -> (a, b); ('', '') when malformed."""
     parts = objective.split("/", 2)
     return (parts[1], parts[2]) if len(parts) == 3 and parts[1] and parts[2] else ("", "")
@@ -35,7 +35,7 @@ def value(final: dict[str, Any], objective: str) -> float | None:
     if k == "loss":
         v = (final.get("eval_loss_after") or {}).get(objective)
     else:
-        where, metric = _parts(objective)
+        where, metric = parts(objective)
         block = final.get("eval_generate" if k == "gen" else "eval_harness") or {}
         v = (block.get(where) or {}).get(metric)
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
@@ -46,7 +46,7 @@ def direction(objective: str, final: dict[str, Any] | None = None) -> str:
     k = kind(objective)
     if k == "loss":
         return "minimize"
-    where, metric = _parts(objective)
+    where, metric = parts(objective)
     if k == "gen":
         from sft_exp.eval.scorers import metric_direction
 

@@ -67,11 +67,6 @@ class Study:
 
 
 # ------------------------------------------------------------------------------------------------------ reading
-def direction_of(objective: str, final: dict[str, Any] | None = None) -> str:
-    """minimize for an eval loss; a generation metric's or harness score's own direction (sft_exp.eval.objective)."""
-    return objective_mod.direction(objective, final)
-
-
 def _frozen_search(run_dir: Path) -> dict[str, Any]:
     """mixture.search and mixture.draw of a run's frozen config ({} when unreadable)."""
     try:
@@ -169,7 +164,7 @@ def load_study(sweep_dir: str | Path, objective: str | None = None) -> Study:
     search = next((s for s in searches.values() if s), {})
     overrides = [o for o in index.get("overrides", []) if not o.lstrip("+~").startswith(SKIP_OVERRIDES)]
     return Study(
-        d, objective, direction_of(objective, final), sources, X, np.array(ys, dtype=float), names,
+        d, objective, objective_mod.direction(objective, final), sources, X, np.array(ys, dtype=float), names,
         {"weighting": b[0], "total_tokens": b[1], "total_rows": b[2]}, search, overrides, skipped,
     )  # fmt: skip
 
