@@ -62,6 +62,28 @@ def test_every_key_choice_composes_and_validates(override: str) -> None:
     assert getattr(node, "value", node) == value
 
 
+def test_every_harness_key_composes_and_validates(tmp_path: Path) -> None:
+    """eval.harness.* (sft_exp/eval/harness.py): every key set from the command line, as the README names them."""
+    overrides = {
+        "tasks": ("[sftexp_demo,sftexp_count]", ["sftexp_demo", "sftexp_count"]),
+        "include_path": (f"[{tmp_path}]", [str(tmp_path)]),
+        "limit": ("0.5", 0.5),
+        "num_fewshot": ("2", 2),
+        "batch_size": ("4", 4),
+        "apply_chat_template": ("false", False),
+        "enable_thinking": ("false", False),
+        "think_end_token": ("null", None),
+        "samples": ("0", 0),
+        "check_data": ("false", False),
+    }
+    extra = ["+eval.harness.gen_kwargs.max_gen_toks=64", "+eval.harness.extra.bootstrap_iters=0"]
+    run = to_run_config(compose([*(f"eval.harness.{k}={v}" for k, (v, _) in overrides.items()), *extra]))
+    validate(run)
+    h = run.eval.harness
+    assert {k: getattr(h, k) for k in overrides} == {k: want for k, (_, want) in overrides.items()}
+    assert h.gen_kwargs == {"max_gen_toks": 64} and h.extra == {"bootstrap_iters": 0}
+
+
 def test_every_yaml_opens_with_its_command() -> None:
     for path in CONF.rglob("*.yaml"):
         lines = path.read_text().splitlines()
