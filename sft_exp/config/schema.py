@@ -625,7 +625,7 @@ def validate_harness(cfg: RunConfig) -> None:
         if not os.path.isdir(p):
             _fail(f"eval.harness.include_path[{i}]", f"'{p}' is not a folder", "Point it at a folder of task YAMLs")
     if h.limit is not None and not h.limit > 0:
-        _fail("eval.harness.limit", f"must be > 0 (a count, or a share < 1), got {h.limit}", "or null for all")
+        _fail("eval.harness.limit", f"must be > 0 (a count, or a share < 1), got {h.limit}", "e.g. 100, or null: all")
     if h.limit is not None and h.limit > 1 and h.limit != int(h.limit):
         _fail("eval.harness.limit", f"{h.limit} is neither a whole count nor a share < 1", "e.g. 100 or 0.1")
     if h.num_fewshot is not None and h.num_fewshot < 0:
